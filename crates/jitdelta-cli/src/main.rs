@@ -1,0 +1,211 @@
+//! The `jitdelta` command line.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use jitdelta_format::{
+    compress_model, decompress_model, file_stats, verify_model, BaseKind, EncodeOptions, JdFile,
+};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "jitdelta",
+    version,
+    about = "LLM weights as a 4-bit-class draft base plus an exact residual"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Never draw progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Base {
+    /// Pick per tensor by estimated size.
+    Auto,
+    /// Nested bit planes.
+    Bitplane,
+    /// Affine int4 base with per-code residual.
+    Affine,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compress a .safetensors file or a model folder into one .jd file.
+    Compress {
+        /// Input: model.safetensors or a folder (sharded models, config and tokenizer files).
+        input: PathBuf,
+        /// Output .jd file (written atomically).
+        output: PathBuf,
+        /// Base kind per tensor.
+        #[arg(long, value_enum, default_value = "auto")]
+        base: Base,
+        /// Draft precision k in bits (sign + exponent + mantissa bits kept in the base);
+        /// for BF16, 10..=15; default 12.
+        #[arg(long, default_value_t = 12)]
+        draft_bits: u32,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 64)]
+        chunk_rows: usize,
+        /// Affine group size.
+        #[arg(long, default_value_t = 32)]
+        group_size: usize,
+    },
+    /// Restore the original safetensors file (path ending .safetensors) or folder.
+    Decompress {
+        /// Input .jd file.
+        input: PathBuf,
+        /// Output .safetensors file or folder.
+        output: PathBuf,
+    },
+    /// Exit 0 only if every tensor of the original is bit-identical in the .jd file.
+    Verify {
+        /// The .jd file.
+        input: PathBuf,
+        /// The original .safetensors file or folder.
+        original: PathBuf,
+    },
+    /// Print per-tensor sizes and bits per weight.
+    Inspect {
+        /// The .jd file.
+        input: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    match run(cli.command, progress) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jitdelta: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match command {
+        Command::Compress {
+            input,
+            output,
+            base,
+            draft_bits,
+            chunk_rows,
+            group_size,
+        } => {
+            // k counts sign and the 8 exponent bits of BF16/F32; F16 sources keep the same
+            // number of mantissa bits.
+            let draft_mantissa_bits = draft_bits.checked_sub(9).ok_or_else(|| {
+                format!("--draft-bits {draft_bits} is below 9 (sign + 8 exponent bits)")
+            })?;
+            let opts = EncodeOptions {
+                base: match base {
+                    Base::Auto => BaseKind::Auto,
+                    Base::Bitplane => BaseKind::Bitplane,
+                    Base::Affine => BaseKind::Affine,
+                },
+                draft_mantissa_bits,
+                chunk_rows,
+                group_size,
+                ..EncodeOptions::default()
+            };
+            let start = std::time::Instant::now();
+            let r = compress_model(&input, &output, &opts, progress)?;
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "compressed {} tensors: {} -> {} bytes ({:.2}% of the input) in {secs:.1} s ({:.0} MB/s)",
+                r.tensors,
+                r.input_bytes,
+                r.output_bytes,
+                100.0 * r.output_bytes as f64 / r.input_bytes.max(1) as f64,
+                r.input_bytes as f64 / secs / 1e6
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Decompress { input, output } => {
+            decompress_model(&input, &output, progress)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { input, original } => {
+            let r = verify_model(&input, &original, progress)?;
+            if r.mismatches.is_empty() {
+                println!(
+                    "ok: {} tensors, {} bytes, bit-identical",
+                    r.tensors, r.bytes
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for m in &r.mismatches {
+                    eprintln!("mismatch: {m}");
+                }
+                eprintln!("jitdelta: error: {} mismatches", r.mismatches.len());
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Inspect { input, json } => {
+            let jd = JdFile::open(&input)?;
+            let stats = file_stats(&jd)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_table(&stats);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn bits(bytes: u64, numel: u64) -> f64 {
+    8.0 * bytes as f64 / numel.max(1) as f64
+}
+
+fn print_table(s: &jitdelta_format::FileStats) {
+    println!(
+        "{:<56} {:>5} {:>16} {:>8} {:>12} {:>6} {:>6} {:>6} {:>6} {:>6}",
+        "tensor", "dtype", "shape", "kind", "bytes", "base", "resid", "scale", "table", "total"
+    );
+    for t in &s.tensors {
+        let shape = format!("{:?}", t.shape);
+        println!(
+            "{:<56} {:>5} {:>16} {:>8} {:>12} {:>6.2} {:>6.2} {:>6.2} {:>6.3} {:>6.2}",
+            t.name,
+            t.dtype,
+            shape,
+            t.kind,
+            t.total_bytes(),
+            bits(t.base_bytes, t.numel),
+            bits(t.residual_bytes, t.numel),
+            bits(t.scale_bytes, t.numel),
+            bits(t.table_bytes, t.numel),
+            bits(t.total_bytes(), t.numel)
+        );
+    }
+    let sum = |f: fn(&jitdelta_format::TensorStats) -> u64| s.tensors.iter().map(f).sum::<u64>();
+    let numel = sum(|t| t.numel);
+    let raw = sum(|t| t.raw_bytes);
+    println!(
+        "total: {} tensors, {} weights, {} raw bytes -> {} file bytes ({:.2}% of raw)",
+        s.tensors.len(),
+        numel,
+        raw,
+        s.file_bytes,
+        100.0 * s.file_bytes as f64 / raw.max(1) as f64
+    );
+    println!(
+        "bits/weight: base {:.3}, residual {:.3}, scales {:.3}, tables {:.4}, container {:.4}, aux files {:.4}, file {:.3}",
+        bits(sum(|t| t.base_bytes), numel),
+        bits(sum(|t| t.residual_bytes), numel),
+        bits(sum(|t| t.scale_bytes), numel),
+        bits(sum(|t| t.table_bytes), numel),
+        bits(s.container_bytes, numel),
+        bits(s.aux_bytes, numel),
+        bits(s.file_bytes, numel)
+    );
+}
