@@ -1,22 +1,17 @@
 //! The nested bit-plane kind: base = sign, exponent and the top `d` mantissa bits; residual = the
-//! remaining mantissa bits. The exponent is rANS coded (all the redundancy of trained weights is
+//! remaining mantissa bits. The exponent is Huffman coded (all the redundancy of trained weights is
 //! there), the sign/mantissa fields are stored raw (they are incompressible).
 
 use crate::bitpack::{pack, packed_len, unpack};
-use crate::float::{store_bits, DraftDtype, FloatFormat};
-use crate::rans::{self, DecodeTable, EncodeTable};
+use crate::float::{DraftDtype, FloatFormat};
+use crate::huffman::{self, HuffmanDecoder, HuffmanEncoder};
+use crate::lanes::{draft, histogram, join, join_bf16_nibbles, split, with_layout};
 use crate::section;
 use crate::Result;
 
 /// Histogram of exponent fields of a slice of little-endian values.
 pub fn exponent_histogram(format: FloatFormat, bytes: &[u8]) -> [u64; 256] {
-    let mut counts = [0u64; 256];
-    let m = format.mantissa_bits();
-    let mask = format.max_exponent();
-    for i in 0..bytes.len() / format.bytes() {
-        counts[((format.load(bytes, i) >> m) & mask) as usize] += 1;
-    }
-    counts
+    with_layout!(format, histogram(bytes))
 }
 
 /// One encoded chunk: what the draft reads, and what exact decoding adds.
@@ -32,27 +27,14 @@ pub fn encode_chunk(
     format: FloatFormat,
     d: u32,
     block_len: usize,
-    table: &EncodeTable,
+    table: &HuffmanEncoder,
     bytes: &[u8],
 ) -> Result<ChunkBytes> {
     let n = bytes.len() / format.bytes();
-    let mut exps = Vec::with_capacity(n);
-    let mut high = Vec::with_capacity(n);
-    let mut low = Vec::with_capacity(n);
-    for i in 0..n {
-        let (e, h, l) = format.split(format.load(bytes, i), d);
-        exps.push(e as u8);
-        high.push(h);
-        low.push(l);
-    }
+    let (mut exps, mut high, mut low) = (vec![0u8; n], vec![0u32; n], vec![0u32; n]);
+    with_layout!(format, split(bytes, d, &mut exps, &mut high, &mut low));
     let mut stream = Vec::new();
-    rans::encode(
-        &exps,
-        None,
-        std::slice::from_ref(table),
-        block_len,
-        &mut stream,
-    )?;
+    huffman::encode(&exps, table, block_len, &mut stream)?;
     let mut base = Vec::with_capacity(4 + stream.len() + packed_len(n, 1 + d));
     section::write(&mut base, &stream);
     pack(&high, 1 + d, &mut base);
@@ -79,7 +61,7 @@ fn parse_base<'a>(
     section::finish(base, "bit-plane base")?;
     let _ = format;
     Ok(BaseParts {
-        blocks: rans::blocks(stream, n, block_len)?,
+        blocks: huffman::blocks(stream, n, block_len)?,
         high,
     })
 }
@@ -90,7 +72,7 @@ pub fn decode_exact(
     format: FloatFormat,
     d: u32,
     block_len: usize,
-    table: &DecodeTable,
+    table: &HuffmanDecoder,
     base: &[u8],
     residual: &[u8],
     n: usize,
@@ -105,19 +87,17 @@ pub fn decode_exact(
     for (b, block) in parts.blocks.iter().enumerate() {
         let first = b * block_len;
         let len = block_len.min(n - first);
+        huffman::decode_block(block, table, scratch.exps(len))?;
+        let dst = &mut out[first * format.bytes()..(first + len) * format.bytes()];
+        if format == FloatFormat::BF16 && d == 3 && block_len % 2 == 0 {
+            let exps = scratch.exps(len);
+            join_bf16_nibbles(exps, &parts.high[first / 2..], &low[first / 2..], dst);
+            continue;
+        }
         let (exps, high, lows) = scratch.get(len);
-        rans::decode_block(block, None, std::slice::from_ref(table), exps)?;
         unpack(parts.high, 1 + d, first, high);
         unpack(low, low_width, first, lows);
-        let dst = &mut out[first * format.bytes()..(first + len) * format.bytes()];
-        for i in 0..len {
-            store_bits(
-                format,
-                format.join(exps[i] as u32, high[i], lows[i], d),
-                dst,
-                i,
-            );
-        }
+        with_layout!(format, join(exps, high, lows, d, dst));
     }
     Ok(())
 }
@@ -128,7 +108,7 @@ pub fn decode_draft(
     format: FloatFormat,
     d: u32,
     block_len: usize,
-    table: &DecodeTable,
+    table: &HuffmanDecoder,
     base: &[u8],
     n: usize,
     dtype: DraftDtype,
@@ -140,17 +120,16 @@ pub fn decode_draft(
         let first = b * block_len;
         let len = block_len.min(n - first);
         let (exps, high, _) = scratch.get(len);
-        rans::decode_block(block, None, std::slice::from_ref(table), exps)?;
+        huffman::decode_block(block, table, exps)?;
         unpack(parts.high, 1 + d, first, high);
         let dst = &mut out[first * dtype.bytes()..(first + len) * dtype.bytes()];
-        for i in 0..len {
-            dtype.store(format, format.draft(exps[i] as u32, high[i], d), dst, i);
-        }
+        with_layout!(format, draft(exps, high, d, dtype, dst));
     }
     Ok(())
 }
 
-/// Per-block buffers, reused across the blocks of a chunk.
+/// Per-block buffers, reused across the blocks of a chunk; field buffers are only allocated
+/// by the paths that unpack fields.
 pub(crate) struct Scratch {
     exps: Vec<u8>,
     high: Vec<u32>,
@@ -161,16 +140,24 @@ impl Scratch {
     pub(crate) fn new(len: usize) -> Self {
         Self {
             exps: vec![0; len],
-            high: vec![0; len],
-            low: vec![0; len],
+            high: Vec::new(),
+            low: Vec::new(),
         }
     }
 
     pub(crate) fn get(&mut self, len: usize) -> (&mut [u8], &mut [u32], &mut [u32]) {
+        if self.high.len() < len {
+            self.high.resize(len, 0);
+            self.low.resize(len, 0);
+        }
         (
             &mut self.exps[..len],
             &mut self.high[..len],
             &mut self.low[..len],
         )
+    }
+
+    pub(crate) fn exps(&mut self, len: usize) -> &mut [u8] {
+        &mut self.exps[..len]
     }
 }

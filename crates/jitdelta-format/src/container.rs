@@ -7,6 +7,7 @@
 //! len - 32      footer: index_offset u64, index_len u64, index_crc32 u32, version u32, "JDFOOTER"
 //! ```
 
+use crate::huffman::CodeLengths;
 use crate::rans::FrequencyTable;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -97,8 +98,8 @@ pub enum Encoding {
         chunking: Chunking,
         /// Mantissa bits kept in the draft plane.
         draft_mantissa_bits: u32,
-        /// Exponent frequency table, shared by every chunk.
-        exponent_table: FrequencyTable,
+        /// Exponent code lengths, shared by every chunk.
+        exponent_code: CodeLengths,
     },
     /// Affine int4 base plus per-code residual.
     Affine {
@@ -118,8 +119,8 @@ pub enum Encoding {
 pub struct Chunking {
     /// Rows per chunk (rows = product of all dimensions but the last).
     pub chunk_rows: u64,
-    /// Symbols per rANS block.
-    pub rans_block: u32,
+    /// Symbols per entropy-coded block.
+    pub block_len: u32,
     /// Chunk locations: `[offset, base_len, residual_len, base_crc32, residual_crc32]`.
     pub chunks: Vec<ChunkEntry>,
 }
@@ -402,7 +403,7 @@ impl Index {
         claims: &mut Vec<Claim>,
         min_bytes: impl Fn(usize) -> u64,
     ) -> Result<()> {
-        if chunking.chunk_rows == 0 || chunking.rans_block == 0 {
+        if chunking.chunk_rows == 0 || chunking.block_len == 0 {
             return Err(Error::corrupt(format!(
                 "tensor `{}` has zero chunk or block size",
                 t.name

@@ -5,7 +5,7 @@
 //! row chunks that decode independently.
 //!
 //! - At rest the default base is the *nested bit plane*: sign, exponent and the top `d` mantissa
-//!   bits, with the exponent rANS coded. The file sits at the entropy floor of real BF16 weights
+//!   bits, with the exponent Huffman coded. The file sits at the entropy floor of real BF16 weights
 //!   (~66% of BF16); the draft precision `d` does not change the size.
 //! - A second base kind, *affine int4* with a per-code residual, is chosen per tensor where it
 //!   is smaller (weights that were already quantized).
@@ -37,6 +37,8 @@ pub mod container;
 pub mod convert;
 mod error;
 pub mod float;
+pub mod huffman;
+mod lanes;
 pub mod rans;
 pub mod reader;
 pub mod resident;

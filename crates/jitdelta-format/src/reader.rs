@@ -6,6 +6,7 @@ use crate::container::{
     parse_frame, ChunkEntry, Chunking, Encoding, Index, StoredBlob, TensorEntry,
 };
 use crate::float::{DraftDtype, FloatFormat};
+use crate::huffman::HuffmanDecoder;
 use crate::rans::DecodeTable;
 use crate::resident::{check_len, ResidentTensor};
 use crate::{bitplane, Error, Result};
@@ -150,7 +151,7 @@ impl JdFile {
 
 enum Tables {
     None,
-    Bitplane(DecodeTable),
+    Bitplane(HuffmanDecoder),
     Affine(DecodeTable, Vec<DecodeTable>),
 }
 
@@ -167,7 +168,7 @@ impl<'a> TensorView<'a> {
     fn new(file: &'a JdFile, entry: &'a TensorEntry) -> Result<Self> {
         let tables = match &entry.encoding {
             Encoding::Stored { .. } => Tables::None,
-            Encoding::Bitplane { exponent_table, .. } => Tables::Bitplane(exponent_table.decoder()),
+            Encoding::Bitplane { exponent_code, .. } => Tables::Bitplane(exponent_code.decoder()),
             Encoding::Affine {
                 code_table,
                 residual_tables,
@@ -282,7 +283,7 @@ impl<'a> TensorView<'a> {
         check_len(out, n * format.bytes())?;
         let base = self.base_of(e, c)?;
         let residual = self.residual_of(e, c)?;
-        let block = chunking.rans_block as usize;
+        let block = chunking.block_len as usize;
         match (&self.entry.encoding, &self.tables) {
             (
                 Encoding::Bitplane {
@@ -320,7 +321,7 @@ impl<'a> TensorView<'a> {
         let n = self.chunk_len(c);
         check_len(out, n * dtype.bytes())?;
         let base = self.base_of(e, c)?;
-        let block = chunking.rans_block as usize;
+        let block = chunking.block_len as usize;
         match (&self.entry.encoding, &self.tables) {
             (
                 Encoding::Bitplane {

@@ -7,7 +7,8 @@
 //! per-chunk escape list. Every plane segment of a chunk starts 16-byte aligned.
 
 use crate::bitpack::{pack, packed_len, unpack};
-use crate::float::{store_bits, DraftDtype, FloatFormat};
+use crate::float::{DraftDtype, FloatFormat};
+use crate::lanes::{draft, histogram, join, join_bf16_nibbles, split, with_layout};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -47,11 +48,8 @@ struct ResidentChunk {
 
 fn encode_chunk(format: FloatFormat, d: u32, bytes: &[u8]) -> ResidentChunk {
     let n = bytes.len() / format.bytes();
-    let mut hist = [0u64; 256];
     let m = format.mantissa_bits();
-    for i in 0..n {
-        hist[((format.load(bytes, i) >> m) & format.max_exponent()) as usize] += 1;
-    }
+    let hist = with_layout!(format, histogram(bytes));
     let top = format.max_exponent() as usize + 1 - WINDOW;
     let base = (0..=top)
         .max_by_key(|&b| {
@@ -60,22 +58,23 @@ fn encode_chunk(format: FloatFormat, d: u32, bytes: &[u8]) -> ResidentChunk {
                 std::cmp::Reverse(b),
             )
         })
-        .unwrap_or(0) as u32;
-    let mut codes = Vec::with_capacity(n);
-    let mut high = Vec::with_capacity(n);
-    let mut low = Vec::with_capacity(n);
+        .unwrap_or(0) as u8;
+    let (mut exps, mut high, mut low) = (vec![0u8; n], vec![0u32; n], vec![0u32; n]);
+    with_layout!(format, split(bytes, d, &mut exps, &mut high, &mut low));
     let mut escapes = Vec::new();
-    for i in 0..n {
-        let (e, h, l) = format.split(format.load(bytes, i), d);
-        if e >= base && e < base + WINDOW as u32 {
-            codes.push(e - base);
-        } else {
-            codes.push(0);
-            escapes.push((i as u32, e as u8));
-        }
-        high.push(h);
-        low.push(l);
-    }
+    let codes: Vec<u32> = exps
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            let code = e.wrapping_sub(base) as u32;
+            if code < WINDOW as u32 {
+                code
+            } else {
+                escapes.push((i as u32, e));
+                0
+            }
+        })
+        .collect();
     let mut planes = [Vec::new(), Vec::new(), Vec::new()];
     for (plane, (values, width)) in
         planes
@@ -90,7 +89,7 @@ fn encode_chunk(format: FloatFormat, d: u32, bytes: &[u8]) -> ResidentChunk {
         codes,
         high,
         low,
-        base: base as u8,
+        base,
         escapes,
     }
 }
@@ -280,17 +279,15 @@ impl ResidentTensor {
         let f = self.format;
         check_len(out, n * f.bytes())?;
         let d = self.draft_bits;
-        let base = self.exponent_base[c] as u32;
-        let (mut e, mut h, mut l) = (vec![0u32; n], vec![0u32; n], vec![0u32; n]);
-        unpack(codes, CODE_BITS, 0, &mut e);
+        let e = self.chunk_exponents(c, codes, n);
+        if f == FloatFormat::BF16 && d == 3 {
+            join_bf16_nibbles(&e, high, low, out);
+            return Ok(());
+        }
+        let (mut h, mut l) = (vec![0u32; n], vec![0u32; n]);
         unpack(high, 1 + d, 0, &mut h);
         unpack(low, f.mantissa_bits() - d, 0, &mut l);
-        for (p, exponent) in self.chunk_escapes(c) {
-            e[p] = exponent.wrapping_sub(base);
-        }
-        for i in 0..n {
-            store_bits(f, f.join(base.wrapping_add(e[i]), h[i], l[i], d), out, i);
-        }
+        with_layout!(f, join(&e, &h, &l, d, out));
         Ok(())
     }
 
@@ -300,20 +297,29 @@ impl ResidentTensor {
         let f = self.format;
         check_len(out, n * dtype.bytes())?;
         let d = self.draft_bits;
-        let base = self.exponent_base[c] as u32;
-        let (mut e, mut h) = (vec![0u32; n], vec![0u32; n]);
-        unpack(codes, CODE_BITS, 0, &mut e);
+        let mut h = vec![0u32; n];
+        let e = self.chunk_exponents(c, codes, n);
         unpack(high, 1 + d, 0, &mut h);
-        for i in 0..n {
-            e[i] += base;
+        with_layout!(f, draft(&e, &h, d, dtype, out));
+        Ok(())
+    }
+
+    /// True exponents of chunk `c`: base + code, escapes patched in.
+    fn chunk_exponents(&self, c: usize, codes: &[u8], n: usize) -> Vec<u8> {
+        let base = self.exponent_base[c];
+        let mut e = vec![0u8; n];
+        let mut pairs = e.chunks_exact_mut(2);
+        for (p, &b) in (&mut pairs).zip(codes) {
+            p[0] = base.wrapping_add(b & 15);
+            p[1] = base.wrapping_add(b >> 4);
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = base.wrapping_add(codes[n / 2] & 15);
         }
         for (p, exponent) in self.chunk_escapes(c) {
-            e[p] = exponent;
+            e[p] = exponent as u8;
         }
-        for i in 0..n {
-            dtype.store(f, f.draft(e[i], h[i], d), out, i);
-        }
-        Ok(())
+        e
     }
 
     /// Decodes the whole tensor, exact, in parallel over chunks.

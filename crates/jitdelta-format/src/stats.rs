@@ -65,9 +65,11 @@ pub fn file_stats(jd: &JdFile) -> Result<FileStats> {
         let numel = entry.numel()? as u64;
         let (kind, scale_bytes, table_bytes) = match &entry.encoding {
             Encoding::Stored { .. } => ("stored", 0, 0),
-            Encoding::Bitplane { exponent_table, .. } => {
-                ("bitplane", 0, 4 * table_entries(exponent_table))
-            }
+            Encoding::Bitplane { exponent_code, .. } => (
+                "bitplane",
+                0,
+                4 * Vec::<(u16, u8)>::from(exponent_code.clone()).len() as u64,
+            ),
             Encoding::Affine {
                 group_size,
                 code_table,

@@ -8,6 +8,7 @@ use crate::container::{
     TensorEntry,
 };
 use crate::float::FloatFormat;
+use crate::huffman::CodeLengths;
 use crate::rans::FrequencyTable;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -38,8 +39,8 @@ pub struct EncodeOptions {
     pub chunk_rows: usize,
     /// Affine group length along a row.
     pub group_size: usize,
-    /// Symbols per rANS block (the unit of parallel decoding inside a chunk).
-    pub rans_block: usize,
+    /// Symbols per entropy-coded block (the unit of parallel decoding inside a chunk).
+    pub block_len: usize,
     /// zstd level for stored tensors and auxiliary files.
     pub zstd_level: i32,
 }
@@ -51,7 +52,7 @@ impl Default for EncodeOptions {
             draft_mantissa_bits: 3,
             chunk_rows: 64,
             group_size: 32,
-            rans_block: 16384,
+            block_len: 16384,
             zstd_level: 3,
         }
     }
@@ -59,14 +60,14 @@ impl Default for EncodeOptions {
 
 impl EncodeOptions {
     fn check(&self) -> Result<()> {
-        if self.chunk_rows == 0 || self.group_size == 0 || self.rans_block == 0 {
+        if self.chunk_rows == 0 || self.group_size == 0 || self.block_len == 0 {
             return Err(Error::InvalidOption(
-                "chunk rows, group size and rANS block must be at least 1".into(),
+                "chunk rows, group size and block length must be at least 1".into(),
             ));
         }
-        if self.rans_block > u32::MAX as usize || self.group_size > u32::MAX as usize {
+        if self.block_len > u32::MAX as usize || self.group_size > u32::MAX as usize {
             return Err(Error::InvalidOption(
-                "rANS block or group size too large".into(),
+                "block length or group size too large".into(),
             ));
         }
         Ok(())
@@ -226,7 +227,7 @@ impl JdWriter {
             k => k,
         };
         let d = opts.draft_mantissa_bits;
-        let block = opts.rans_block;
+        let block = opts.block_len;
         if kind == BaseKind::Affine {
             let g = opts.group_size;
             let (code_counts, resid_counts) = chunks
@@ -264,7 +265,7 @@ impl JdWriter {
             return Ok(Encoding::Affine {
                 chunking: Chunking {
                     chunk_rows: opts.chunk_rows as u64,
-                    rans_block: block as u32,
+                    block_len: block as u32,
                     chunks: entries,
                 },
                 group_size: g as u32,
@@ -282,19 +283,19 @@ impl JdWriter {
                     a
                 },
             );
-        let exponent_table = FrequencyTable::from_counts(&counts);
-        let enc = exponent_table.encoder();
+        let exponent_code = CodeLengths::from_counts(&counts);
+        let enc = exponent_code.encoder();
         let entries = self.write_chunks(&chunks, |c| {
             bitplane::encode_chunk(format, d, block, &enc, c)
         })?;
         Ok(Encoding::Bitplane {
             chunking: Chunking {
                 chunk_rows: opts.chunk_rows as u64,
-                rans_block: block as u32,
+                block_len: block as u32,
                 chunks: entries,
             },
             draft_mantissa_bits: d,
-            exponent_table,
+            exponent_code,
         })
     }
 
@@ -358,7 +359,7 @@ fn pick_kind(format: FloatFormat, cols: usize, chunks: &[&[u8]], opts: &EncodeOp
         let h = bitplane::exponent_histogram(format, c);
         exps.iter_mut().zip(h).for_each(|(x, y)| *x += y);
     }
-    let bitplane_bits = FrequencyTable::from_counts(&exps).cost_bits(&exps)
+    let bitplane_bits = CodeLengths::from_counts(&exps).cost_bits(&exps) as f64
         + n as f64 * (1 + format.mantissa_bits()) as f64;
     let mut codes = [0u64; affine::CODES];
     let mut resid = vec![[0u64; 256]; affine::CODES];
