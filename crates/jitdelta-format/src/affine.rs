@@ -74,16 +74,19 @@ pub fn quantize(format: FloatFormat, group: usize, cols: usize, bytes: &[u8]) ->
             out.params.push((lo_bits, scale_bits));
             let lo = format.to_f32(lo_bits);
             let scale = format.to_f32(scale_bits);
+            let inv_scale = 1.0 / scale;
+            let table: [u32; CODES] =
+                std::array::from_fn(|q| base_bits(format, lo, scale, q as u8));
             for i in first..first + len {
                 let bits = format.load(bytes, i);
                 let v = format.to_f32(bits);
+                // Rounds half up; `as` saturates, so NaN and negatives give 0.
                 let q = if v.is_finite() && scale > 0.0 && scale.is_finite() {
-                    ((v - lo) / scale).round().clamp(0.0, 15.0) as u8
+                    (((v - lo) * inv_scale + 0.5) as u32).min(15) as u8
                 } else {
                     0
                 };
-                let diff =
-                    (bits as u64).wrapping_sub(base_bits(format, lo, scale, q) as u64) & width_mask;
+                let diff = (bits as u64).wrapping_sub(table[q as usize] as u64) & width_mask;
                 let delta = if diff & sign_bit != 0 {
                     diff as i64 - (width_mask as i64 + 1)
                 } else {

@@ -5,7 +5,9 @@
 use crate::bitpack::{pack, packed_len, unpack};
 use crate::float::{DraftDtype, FloatFormat};
 use crate::huffman::{self, HuffmanDecoder, HuffmanEncoder};
-use crate::lanes::{draft, histogram, join, join_bf16_nibbles, split, with_layout};
+use crate::lanes::{
+    draft, histogram, join, join_bf16_nibbles, split, split_bf16_nibbles, with_layout,
+};
 use crate::section;
 use crate::Result;
 
@@ -31,15 +33,22 @@ pub fn encode_chunk(
     bytes: &[u8],
 ) -> Result<ChunkBytes> {
     let n = bytes.len() / format.bytes();
-    let (mut exps, mut high, mut low) = (vec![0u8; n], vec![0u32; n], vec![0u32; n]);
-    with_layout!(format, split(bytes, d, &mut exps, &mut high, &mut low));
+    let mut exps = vec![0u8; n];
+    let mut high_plane = Vec::with_capacity(packed_len(n, 1 + d));
+    let mut residual = Vec::with_capacity(packed_len(n, format.mantissa_bits() - d));
+    if format == FloatFormat::BF16 && d == 3 {
+        split_bf16_nibbles(bytes, &mut exps, &mut high_plane, &mut residual);
+    } else {
+        let (mut high, mut low) = (vec![0u32; n], vec![0u32; n]);
+        with_layout!(format, split(bytes, d, &mut exps, &mut high, &mut low));
+        pack(&high, 1 + d, &mut high_plane);
+        pack(&low, format.mantissa_bits() - d, &mut residual);
+    }
     let mut stream = Vec::new();
     huffman::encode(&exps, table, block_len, &mut stream)?;
-    let mut base = Vec::with_capacity(4 + stream.len() + packed_len(n, 1 + d));
+    let mut base = Vec::with_capacity(4 + stream.len() + high_plane.len());
     section::write(&mut base, &stream);
-    pack(&high, 1 + d, &mut base);
-    let mut residual = Vec::with_capacity(packed_len(n, format.mantissa_bits() - d));
-    pack(&low, format.mantissa_bits() - d, &mut residual);
+    base.extend_from_slice(&high_plane);
     Ok(ChunkBytes { base, residual })
 }
 

@@ -42,6 +42,10 @@ pub struct Shard {
     pub name: String,
     /// The safetensors `__metadata__` map, if the file had one.
     pub metadata: Option<BTreeMap<String, String>>,
+    /// The original safetensors JSON header, byte for byte, so that decompression gives back
+    /// an identical file (absent: a canonical header is written instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<StoredBlob>,
 }
 
 /// An auxiliary file stored verbatim (zstd-compressed where that pays).
@@ -357,6 +361,11 @@ impl Index {
                         (n as u64).div_ceil(g) * per_value
                     })?;
                 }
+            }
+        }
+        for (i, shard) in self.shards.iter().enumerate() {
+            if let Some(h) = &shard.header {
+                claims.push(blob_claim(h, &format!("shard {i} header"))?);
             }
         }
         for f in &self.files {

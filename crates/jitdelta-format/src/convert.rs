@@ -133,17 +133,6 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
 }
 
-/// Releases the pages of an input range once encoded, so that RSS stays bounded by the tensor
-/// being worked on rather than growing with the model.
-fn drop_pages(map: &memmap2::Mmap, start: usize, len: usize) {
-    let page = 4096;
-    let aligned = start / page * page;
-    let len = (start + len - aligned).min(map.len() - aligned);
-    // SAFETY: a read-only, file-backed mapping: dropped pages are read again from the file if
-    // touched later, so no data is lost. Errors only mean the pages stay resident.
-    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, len) };
-}
-
 fn progress(total: u64, enabled: bool, what: &str) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
@@ -203,6 +192,7 @@ pub fn compress_model(
                 .collect::<BTreeMap<_, _>>()
         });
         let shard = writer.add_shard(name, metadata);
+        writer.set_shard_header(shard, &map[8..data_start])?;
         let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
             meta.tensors().into_iter().collect();
         infos.sort_by_key(|(_, info)| info.data_offsets.0);
@@ -217,7 +207,7 @@ pub fn compress_model(
             let dtype = format!("{:?}", info.dtype);
             let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
             writer.add_tensor(&tname, &dtype, &shape, shard, bytes, opts)?;
-            drop_pages(map, data_start + a, b - a);
+            crate::reader::drop_pages(map, data_start + a, b - a);
             bar.inc((b - a) as u64);
             tensors += 1;
         }
@@ -227,8 +217,10 @@ pub fn compress_model(
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         writer.add_file(f, &bytes)?;
     }
-    let output_bytes = writer.position();
     writer.finish()?;
+    let output_bytes = std::fs::metadata(output)
+        .map_err(|e| Error::io(output, e))?
+        .len();
     bar.finish_and_clear();
     Ok(CompressReport {
         tensors,
@@ -271,6 +263,7 @@ fn write_atomic(dest: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) ->
     let tmp = tempfile::Builder::new()
         .prefix(".jitdelta-")
         .suffix(".tmp")
+        .permissions(crate::reader::new_file_permissions())
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
@@ -308,7 +301,18 @@ pub fn decompress_model(input: &Path, output: &Path, show_progress: bool) -> Res
             .iter()
             .filter(|t| t.shard as usize == s)
             .collect();
-        let header = safetensors_header(&tensors, &shard.metadata)?;
+        let mut header = safetensors_header(&tensors, &shard.metadata)?;
+        if let Some(blob) = &shard.header {
+            let original = jd.read_blob(blob, &format!("shard `{}` header", shard.name))?;
+            let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+            if parse(&original).is_none() || parse(&original) != parse(&header) {
+                return Err(Error::corrupt(format!(
+                    "shard `{}`: stored header does not describe the stored tensors",
+                    shard.name
+                )));
+            }
+            header = original;
+        }
         let dest = if single {
             output.to_path_buf()
         } else {
@@ -318,9 +322,13 @@ pub fn decompress_model(input: &Path, output: &Path, show_progress: bool) -> Res
             out.write_all(&(header.len() as u64).to_le_bytes())?;
             out.write_all(&header)?;
             for t in &tensors {
-                let bytes = jd.tensor(&t.name)?.decode_exact()?;
-                out.write_all(&bytes)?;
-                bar.inc(bytes.len() as u64);
+                let view = jd.tensor(&t.name)?;
+                view.decode_exact_streaming(|bytes| {
+                    out.write_all(bytes)?;
+                    bar.inc(bytes.len() as u64);
+                    Ok(())
+                })?;
+                view.release_pages();
             }
             Ok(())
         })?;
@@ -404,20 +412,27 @@ pub fn verify_model(jd_path: &Path, original: &Path, show_progress: bool) -> Res
                 ));
                 continue;
             }
-            match t.decode_exact() {
-                Ok(bytes) if bytes == view.data() => {}
-                Ok(bytes) => {
-                    let at = bytes
-                        .iter()
-                        .zip(view.data())
-                        .position(|(a, b)| a != b)
-                        .unwrap_or(0);
-                    report
-                        .mismatches
-                        .push(format!("tensor `{name}`: bytes differ from offset {at}"));
+            let want = view.data();
+            let mut at = 0usize;
+            let mut first_diff = None;
+            let compared = t.decode_exact_streaming(|bytes| {
+                if first_diff.is_none() && bytes != &want[at..at + bytes.len()] {
+                    let i = bytes.iter().zip(&want[at..]).position(|(a, b)| a != b);
+                    first_diff = Some(at + i.unwrap_or(0));
                 }
-                Err(err) => report.mismatches.push(format!("tensor `{name}`: {err}")),
+                at += bytes.len();
+                Ok(())
+            });
+            match (compared, first_diff) {
+                (Ok(()), None) => {}
+                (Ok(()), Some(at)) => report
+                    .mismatches
+                    .push(format!("tensor `{name}`: bytes differ from offset {at}")),
+                (Err(err), _) => report.mismatches.push(format!("tensor `{name}`: {err}")),
             }
+            t.release_pages();
+            let start = want.as_ptr() as usize - map.as_ptr() as usize;
+            crate::reader::drop_pages(&map, start, want.len());
             report.tensors += 1;
             report.bytes += view.data().len() as u64;
             bar.inc(view.data().len() as u64);

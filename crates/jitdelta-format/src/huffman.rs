@@ -256,6 +256,7 @@ pub fn encode(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let blocks = symbols.len().div_ceil(block_len);
+    let single = (enc.present.len() == 1).then(|| enc.present[0]);
     let table_at = out.len();
     out.resize(table_at + 4 * blocks, 0);
     let data_at = out.len();
@@ -268,18 +269,25 @@ pub fn encode(
             let stream_at = out.len();
             let mut acc = 0u64;
             let mut bits = 0u32;
-            for &s in &block[start..start + len] {
-                let (code, l) = enc.codes[s as usize];
-                if l == 0 && !(enc.present.len() == 1 && enc.present[0] == s) {
-                    return Err(Error::InvalidOption(format!("symbol {s} has no code")));
+            let mut missing = false;
+            // Two codes (<= 24 bits) fit on top of the < 32 bits left after a flush.
+            for pair in block[start..start + len].chunks(2) {
+                for &s in pair {
+                    let (code, l) = enc.codes[s as usize];
+                    missing |= l == 0 && !single.is_some_and(|only| only == s);
+                    acc |= (code as u64) << bits;
+                    bits += l;
                 }
-                acc |= (code as u64) << bits;
-                bits += l;
                 if bits >= 32 {
                     out.extend_from_slice(&(acc as u32).to_le_bytes());
                     acc >>= 32;
                     bits -= 32;
                 }
+            }
+            if missing {
+                return Err(Error::InvalidOption(
+                    "a symbol has no code in the table".into(),
+                ));
             }
             while bits > 0 {
                 out.push(acc as u8);

@@ -98,6 +98,46 @@ fn assemble<const BYTES: usize>(out: &mut [u8], value: impl Fn(usize) -> u32) {
     }
 }
 
+/// [`split`] for the default BF16 layout (`d = 3`), writing the high and low fields straight
+/// into nibble planes (appended to `high` and `low`): the hot path of encoding.
+pub(crate) fn split_bf16_nibbles(
+    bytes: &[u8],
+    exps: &mut [u8],
+    high: &mut Vec<u8>,
+    low: &mut Vec<u8>,
+) {
+    let n = bytes.len() / 2;
+    let (h_at, l_at) = (high.len(), low.len());
+    high.resize(h_at + n.div_ceil(2), 0);
+    low.resize(l_at + n.div_ceil(2), 0);
+    let (high, low) = (&mut high[h_at..], &mut low[l_at..]);
+    let pairs = n / 2;
+    let (e_pairs, h, l) = (
+        &mut exps[..2 * pairs],
+        &mut high[..pairs],
+        &mut low[..pairs],
+    );
+    let words = &bytes[..4 * pairs];
+    for j in 0..pairs {
+        let w = u32::from_le_bytes([
+            words[4 * j],
+            words[4 * j + 1],
+            words[4 * j + 2],
+            words[4 * j + 3],
+        ]);
+        e_pairs[2 * j] = (w >> 7) as u8;
+        e_pairs[2 * j + 1] = (w >> 23) as u8;
+        h[j] = (((w >> 12) & 8) | ((w >> 4) & 7) | ((w >> 24) & 0x80) | ((w >> 16) & 0x70)) as u8;
+        l[j] = ((w & 15) | ((w >> 12) & 0xF0)) as u8;
+    }
+    if n % 2 == 1 {
+        let v = u16::from_le_bytes([bytes[2 * n - 2], bytes[2 * n - 1]]) as u32;
+        exps[n - 1] = (v >> 7) as u8;
+        high[pairs] = (((v >> 12) & 8) | ((v >> 4) & 7)) as u8;
+        low[pairs] = (v & 15) as u8;
+    }
+}
+
 /// Inverse of [`split`]: writes exact values.
 pub(crate) fn join<const BYTES: usize, const M: u32, const E: u32>(
     exps: &[u8],

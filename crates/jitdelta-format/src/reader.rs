@@ -14,14 +14,35 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
+
+/// Releases the pages of a range of a read-only file mapping, so that streaming through a large
+/// file keeps RSS bounded by what is being worked on rather than by the file size.
+pub(crate) fn drop_pages(map: &memmap2::Mmap, start: usize, len: usize) {
+    let page = 4096;
+    let aligned = start / page * page;
+    let len = (start + len).min(map.len()).saturating_sub(aligned);
+    if len == 0 {
+        return;
+    }
+    // SAFETY: a read-only, file-backed mapping: dropped pages are read again from the file if
+    // touched later, so no data is lost. An error only means the pages stay resident.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, len) };
+}
 
 enum Backing {
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
 }
 
-/// An open jitdelta file. Cheap to share between threads; tensors decode on demand.
+/// An open jitdelta file. Cloning is cheap (the mapping and index are shared), it can be sent
+/// between threads, and tensors decode on demand.
+#[derive(Clone)]
 pub struct JdFile {
+    inner: Arc<FileInner>,
+}
+
+struct FileInner {
     bytes: Backing,
     index: Index,
     by_name: HashMap<String, usize>,
@@ -67,14 +88,16 @@ impl JdFile {
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
         Ok(Self {
-            bytes,
-            index,
-            by_name,
+            inner: Arc::new(FileInner {
+                bytes,
+                index,
+                by_name,
+            }),
         })
     }
 
     fn data(&self) -> &[u8] {
-        match &self.bytes {
+        match &self.inner.bytes {
             Backing::Mapped(m) => m,
             Backing::Owned(v) => v,
         }
@@ -82,7 +105,7 @@ impl JdFile {
 
     /// The whole index.
     pub fn index(&self) -> &Index {
-        &self.index
+        &self.inner.index
     }
 
     /// Total file size in bytes.
@@ -92,21 +115,23 @@ impl JdFile {
 
     /// Tensor names in file order.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.index.tensors.iter().map(|t| t.name.as_str())
+        self.index().tensors.iter().map(|t| t.name.as_str())
     }
 
-    /// A tensor by name, with its decoding tables built.
-    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+    /// A tensor by name, with its decoding tables built. The view shares the file and lives
+    /// as long as the caller keeps it (a layer keeps one per projection).
+    pub fn tensor(&self, name: &str) -> Result<TensorView> {
         let i = *self
+            .inner
             .by_name
             .get(name)
             .ok_or_else(|| Error::TensorNotFound(name.to_string()))?;
-        TensorView::new(self, &self.index.tensors[i])
+        TensorView::new(self.clone(), i)
     }
 
     /// The bytes of an auxiliary file (e.g. `config.json`), checksum verified.
     pub fn aux_file(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        match self.index.files.iter().find(|f| f.name == name) {
+        match self.index().files.iter().find(|f| f.name == name) {
             Some(f) => self.read_blob(&f.blob, name).map(Some),
             None => Ok(None),
         }
@@ -155,17 +180,18 @@ enum Tables {
     Affine(DecodeTable, Vec<DecodeTable>),
 }
 
-/// One tensor of an open file.
-pub struct TensorView<'a> {
-    file: &'a JdFile,
-    entry: &'a TensorEntry,
+/// One tensor of an open file, with its decoding tables.
+pub struct TensorView {
+    file: JdFile,
+    tensor: usize,
     tables: Tables,
     rows: usize,
     cols: usize,
 }
 
-impl<'a> TensorView<'a> {
-    fn new(file: &'a JdFile, entry: &'a TensorEntry) -> Result<Self> {
+impl TensorView {
+    fn new(file: JdFile, tensor: usize) -> Result<Self> {
+        let entry = &file.index().tensors[tensor];
         let tables = match &entry.encoding {
             Encoding::Stored { .. } => Tables::None,
             Encoding::Bitplane { exponent_code, .. } => Tables::Bitplane(exponent_code.decoder()),
@@ -181,7 +207,7 @@ impl<'a> TensorView<'a> {
         let (rows, cols) = entry.dims()?;
         Ok(Self {
             file,
-            entry,
+            tensor,
             tables,
             rows,
             cols,
@@ -190,14 +216,14 @@ impl<'a> TensorView<'a> {
 
     /// The index entry.
     pub fn entry(&self) -> &TensorEntry {
-        self.entry
+        &self.file.index().tensors[self.tensor]
     }
 
     /// The float format, for split (bit-plane or affine) tensors.
     pub fn format(&self) -> Option<FloatFormat> {
-        match self.entry.encoding {
+        match self.entry().encoding {
             Encoding::Stored { .. } => None,
-            _ => FloatFormat::from_dtype_name(&self.entry.dtype),
+            _ => FloatFormat::from_dtype_name(&self.entry().dtype),
         }
     }
 
@@ -207,7 +233,7 @@ impl<'a> TensorView<'a> {
     }
 
     fn chunking(&self) -> Option<&Chunking> {
-        match &self.entry.encoding {
+        match &self.entry().encoding {
             Encoding::Stored { .. } => None,
             Encoding::Bitplane { chunking, .. } | Encoding::Affine { chunking, .. } => {
                 Some(chunking)
@@ -235,38 +261,38 @@ impl<'a> TensorView<'a> {
         let chunking = self.chunking().ok_or_else(|| {
             Error::InvalidOption(format!(
                 "tensor `{}` is stored whole, not chunked",
-                self.entry.name
+                self.entry().name
             ))
         })?;
         let entry = chunking
             .chunks
             .get(c)
             .ok_or_else(|| Error::ChunkOutOfRange {
-                tensor: self.entry.name.clone(),
+                tensor: self.entry().name.clone(),
                 index: c,
                 count: chunking.chunks.len(),
             })?;
         Ok((entry, chunking))
     }
 
-    fn base_of(&self, e: &ChunkEntry, c: usize) -> Result<&'a [u8]> {
+    fn base_of(&self, e: &ChunkEntry, c: usize) -> Result<&[u8]> {
         self.file.checked(e.offset, e.base_len, e.base_crc32, || {
-            format!("tensor `{}` chunk {c} base", self.entry.name)
+            format!("tensor `{}` chunk {c} base", self.entry().name)
         })
     }
 
-    fn residual_of(&self, e: &ChunkEntry, c: usize) -> Result<&'a [u8]> {
+    fn residual_of(&self, e: &ChunkEntry, c: usize) -> Result<&[u8]> {
         self.file.checked(
             e.offset + e.base_len,
             e.residual_len,
             e.residual_crc32,
-            || format!("tensor `{}` chunk {c} residual", self.entry.name),
+            || format!("tensor `{}` chunk {c} residual", self.entry().name),
         )
     }
 
     /// Bytes a draft decode reads, and bytes exact decoding adds.
     pub fn stored_bytes(&self) -> (u64, u64) {
-        match &self.entry.encoding {
+        match &self.entry().encoding {
             Encoding::Stored { blob } => (blob.len, 0),
             Encoding::Bitplane { chunking, .. } | Encoding::Affine { chunking, .. } => chunking
                 .chunks
@@ -284,7 +310,7 @@ impl<'a> TensorView<'a> {
         let base = self.base_of(e, c)?;
         let residual = self.residual_of(e, c)?;
         let block = chunking.block_len as usize;
-        match (&self.entry.encoding, &self.tables) {
+        match (&self.entry().encoding, &self.tables) {
             (
                 Encoding::Bitplane {
                     draft_mantissa_bits,
@@ -322,7 +348,7 @@ impl<'a> TensorView<'a> {
         check_len(out, n * dtype.bytes())?;
         let base = self.base_of(e, c)?;
         let block = chunking.block_len as usize;
-        match (&self.entry.encoding, &self.tables) {
+        match (&self.entry().encoding, &self.tables) {
             (
                 Encoding::Bitplane {
                     draft_mantissa_bits,
@@ -347,16 +373,16 @@ impl<'a> TensorView<'a> {
 
     /// Decodes the whole tensor to its exact source bytes (chunks in parallel).
     pub fn decode_exact(&self) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; self.entry.byte_len()?];
+        let mut out = vec![0u8; self.entry().byte_len()?];
         self.decode_exact_into(&mut out)?;
         Ok(out)
     }
 
     /// Like [`TensorView::decode_exact`], into a caller buffer of exactly the tensor's size.
     pub fn decode_exact_into(&self, out: &mut [u8]) -> Result<()> {
-        check_len(out, self.entry.byte_len()?)?;
-        if let Encoding::Stored { blob } = &self.entry.encoding {
-            out.copy_from_slice(&self.file.read_blob(blob, &self.entry.name)?);
+        check_len(out, self.entry().byte_len()?)?;
+        if let Encoding::Stored { blob } = &self.entry().encoding {
+            out.copy_from_slice(&self.file.read_blob(blob, &self.entry().name)?);
             return Ok(());
         }
         let per_chunk =
@@ -366,15 +392,65 @@ impl<'a> TensorView<'a> {
             .try_for_each(|(c, o)| self.decode_chunk_exact(c, o))
     }
 
+    /// Decodes the tensor's exact bytes in order, a batch of chunks at a time (chunks of a batch
+    /// in parallel), handing each chunk to `sink`: memory stays at one batch, whatever the
+    /// tensor's size.
+    pub fn decode_exact_streaming(&self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        if let Encoding::Stored { blob } = &self.entry().encoding {
+            return sink(&self.file.read_blob(blob, &self.entry().name)?);
+        }
+        let batch = rayon::current_num_threads().max(1);
+        let count = self.chunk_count();
+        let bytes = self.format().map_or(1, |f| f.bytes());
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); batch.min(count)];
+        for first in (0..count).step_by(batch) {
+            let n = batch.min(count - first);
+            bufs[..n]
+                .par_iter_mut()
+                .enumerate()
+                .try_for_each(|(k, buf)| {
+                    buf.resize(self.chunk_len(first + k) * bytes, 0);
+                    self.decode_chunk_exact(first + k, buf)
+                })?;
+            for buf in &bufs[..n] {
+                sink(buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the OS drop this tensor's pages of a memory-mapped file (they are read again if
+    /// needed); a no-op for files held in memory.
+    pub fn release_pages(&self) {
+        let Backing::Mapped(map) = &self.file.inner.bytes else {
+            return;
+        };
+        let (start, end) = match &self.entry().encoding {
+            Encoding::Stored { blob } => (blob.offset, blob.offset + blob.len),
+            Encoding::Bitplane { chunking, .. } | Encoding::Affine { chunking, .. } => {
+                chunking.chunks.iter().fold((u64::MAX, 0), |(s, e), c| {
+                    (
+                        s.min(c.offset),
+                        e.max(c.offset + c.base_len + c.residual_len),
+                    )
+                })
+            }
+        };
+        if start < end {
+            drop_pages(map, start as usize, (end - start) as usize);
+        }
+    }
+
     /// Decodes the draft (base-only) values of the whole tensor as `dtype`.
     pub fn decode_draft(&self, dtype: DraftDtype) -> Result<Vec<u8>> {
         if self.format().is_none() {
             return Err(Error::UnsupportedDtype(format!(
                 "{}: tensor `{}` is stored whole and has no draft",
-                self.entry.dtype, self.entry.name
+                self.entry().dtype,
+                self.entry().name
             )));
         }
-        let mut out = vec![0u8; self.entry.numel()? * dtype.bytes()];
+        let mut out = vec![0u8; self.entry().numel()? * dtype.bytes()];
         let per_chunk = self.chunk_rows().unwrap_or(1) * self.cols * dtype.bytes();
         out.par_chunks_mut(per_chunk.max(1))
             .enumerate()
@@ -388,7 +464,7 @@ impl<'a> TensorView<'a> {
         let format = self.format().ok_or_else(|| {
             Error::UnsupportedDtype(format!(
                 "tensor `{}` is not a split float tensor",
-                self.entry.name
+                self.entry().name
             ))
         })?;
         ResidentTensor::from_chunks(
@@ -399,5 +475,22 @@ impl<'a> TensorView<'a> {
             draft_bits,
             |c, out| self.decode_chunk_exact(c, out),
         )
+    }
+}
+
+/// Permissions of files we create: what a plain `File::create` would give (0644 before the
+/// umask on Unix), not the 0600 of a temporary file.
+pub(crate) fn new_file_permissions() -> std::fs::Permissions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::Permissions::from_mode(0o644)
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::temp_dir()
+            .metadata()
+            .map(|m| m.permissions())
+            .expect("temp dir has permissions")
     }
 }

@@ -93,6 +93,7 @@ impl JdWriter {
         let tmp = tempfile::Builder::new()
             .prefix(".jitdelta-")
             .suffix(".tmp")
+            .permissions(crate::reader::new_file_permissions())
             .tempfile_in(&dir)
             .map_err(|e| Error::io(&dir, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, tmp);
@@ -137,8 +138,22 @@ impl JdWriter {
         self.index.shards.push(Shard {
             name: name.to_string(),
             metadata,
+            header: None,
         });
         (self.index.shards.len() - 1) as u32
+    }
+
+    /// Keeps a shard's original safetensors JSON header (the bytes after the 8-byte length), so
+    /// that decompression reproduces the file byte for byte.
+    pub fn set_shard_header(&mut self, shard: u32, header_json: &[u8]) -> Result<()> {
+        if shard as usize >= self.index.shards.len() {
+            return Err(Error::InvalidOption(format!(
+                "shard {shard} was not declared"
+            )));
+        }
+        let blob = self.store(header_json, 3)?;
+        self.index.shards[shard as usize].header = Some(blob);
+        Ok(())
     }
 
     /// Stores an auxiliary file (config, tokenizer, ...) under a relative name.
@@ -351,8 +366,15 @@ fn pick_kind(format: FloatFormat, cols: usize, chunks: &[&[u8]], opts: &EncodeOp
     if chunks.is_empty() {
         return BaseKind::Bitplane;
     }
+    // Up to 16 rows from each of four chunks spread over the tensor: enough to see whether the
+    // values sit on a 4-bit grid, and a small fraction of the encode time.
     let step = chunks.len().div_ceil(4);
-    let sample: Vec<&[u8]> = chunks.iter().step_by(step).copied().collect();
+    let row_bytes = cols * format.bytes();
+    let sample: Vec<&[u8]> = chunks
+        .iter()
+        .step_by(step)
+        .map(|c| &c[..c.len().min(16 * row_bytes)])
+        .collect();
     let n: usize = sample.iter().map(|c| c.len() / format.bytes()).sum();
     let mut exps = [0u64; 256];
     for c in &sample {
