@@ -589,7 +589,7 @@ fn bad_options() {
         &["--group-size", "0"],
     ] {
         let mut a: Vec<&OsStr> = vec!["compress".as_ref(), src.as_os_str(), out.as_os_str()];
-        a.extend(args.iter().map(|s| OsStr::new(s)));
+        a.extend(args.iter().map(OsStr::new));
         let e = assert_clean_error(&jitdelta(a));
         if args[0] == "--draft-bits" {
             assert!(
@@ -599,8 +599,30 @@ fn bad_options() {
         }
         assert!(!out.exists(), "{args:?} left an output");
     }
-    // A chunk larger than any tensor is a valid choice (one chunk per tensor): it either works or
-    // is refused with an error line, never a panic.
+    // The edges of the valid range work.
+    for k in ["9", "15"] {
+        assert_ok(&jitdelta([
+            "compress".as_ref(),
+            src.as_os_str(),
+            out.as_os_str(),
+            "--draft-bits".as_ref(),
+            k.as_ref(),
+        ]));
+        assert_ok(&jitdelta([
+            "verify".as_ref(),
+            out.as_os_str(),
+            src.as_os_str(),
+        ]));
+    }
+}
+
+/// A chunk larger than any tensor is a valid choice (one chunk per tensor): it either works or
+/// is refused with an error line, never a panic.
+#[test]
+fn huge_chunk_rows_option() {
+    let tmp = scratch();
+    let src = synthetic_model(tmp.path(), 1);
+    let out = tmp.path().join("o.jd");
     for rows in [
         "1099511627776",
         "9223372036854775807",
@@ -624,21 +646,6 @@ fn bad_options() {
         }
         let _ = std::fs::remove_file(&out);
     }
-    // The edges of the valid range work.
-    for k in ["9", "15"] {
-        assert_ok(&jitdelta([
-            "compress".as_ref(),
-            src.as_os_str(),
-            out.as_os_str(),
-            "--draft-bits".as_ref(),
-            k.as_ref(),
-        ]));
-        assert_ok(&jitdelta([
-            "verify".as_ref(),
-            out.as_os_str(),
-            src.as_os_str(),
-        ]));
-    }
 }
 
 #[test]
@@ -659,4 +666,35 @@ fn multi_shard_model_to_one_safetensors_file() {
     ]));
     assert!(e.contains("3 shards"), "{e}");
     assert!(!out.exists());
+}
+
+/// Command-line usage errors are one error line too (the usage text is for `--help`).
+#[test]
+fn usage_errors_are_one_line() {
+    let tmp = scratch();
+    let x = tmp.path().join("x");
+    for args in [
+        vec![],
+        vec!["frobnicate".as_ref()],
+        vec!["compress".as_ref()],
+        vec!["compress".as_ref(), x.as_os_str()],
+        vec![
+            "compress".as_ref(),
+            x.as_os_str(),
+            x.as_os_str(),
+            "--base".as_ref(),
+            "zfp".as_ref(),
+        ],
+        vec![
+            "compress".as_ref(),
+            x.as_os_str(),
+            x.as_os_str(),
+            "--draft-bits".as_ref(),
+            "twelve".as_ref(),
+        ],
+        vec!["inspect".as_ref(), x.as_os_str(), "--bogus".as_ref()],
+    ] {
+        let args: Vec<&OsStr> = args;
+        assert_clean_error(&jitdelta(&args));
+    }
 }

@@ -9,8 +9,11 @@ use jitdelta_format::{DraftDtype, EncodeOptions, JdFile, JdWriter};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
-/// (name, dtype, shape, bytes) of the weight matrices to encode.
-fn weights() -> (String, Vec<(String, Vec<u64>, Vec<u8>)>) {
+/// A weight matrix: name, shape, little-endian BF16 bytes.
+type Weight = (String, Vec<u64>, Vec<u8>);
+
+/// The data set's label and its weight matrices.
+fn weights() -> (String, Vec<Weight>) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cache = std::env::var_os("JITDELTA_CACHE")
         .map(PathBuf::from)
@@ -47,7 +50,7 @@ fn weights() -> (String, Vec<(String, Vec<u64>, Vec<u8>)>) {
     )
 }
 
-fn encode_file(ts: &[(String, Vec<u64>, Vec<u8>)], path: &std::path::Path) {
+fn encode_file(ts: &[Weight], path: &std::path::Path) {
     let mut w = JdWriter::create(path).unwrap();
     let shard = w.add_shard("model.safetensors", None);
     for (name, shape, data) in ts {

@@ -64,7 +64,7 @@ pub fn quantize(format: FloatFormat, group: usize, cols: usize, bytes: &[u8]) ->
         residuals: Vec::with_capacity(n),
         escapes: Vec::new(),
     };
-    let rows = if cols == 0 { 0 } else { n / cols };
+    let rows = n.checked_div(cols).unwrap_or(0);
     for r in 0..rows {
         let mut c0 = 0;
         while c0 < cols {
@@ -184,11 +184,7 @@ pub struct ChunkShape {
 
 impl ChunkShape {
     fn groups(&self) -> usize {
-        if self.cols == 0 {
-            0
-        } else {
-            (self.n / self.cols) * self.cols.div_ceil(self.group)
-        }
+        self.n.checked_div(self.cols).unwrap_or(0) * self.cols.div_ceil(self.group)
     }
 
     /// Group index of value `i`.
@@ -264,14 +260,14 @@ pub fn decode_exact(
     let raw = section::take(&mut rest, escapes * bytes, "escaped values")?;
     section::finish(rest, "affine residual")?;
     let mut next_escape = 0;
-    for i in 0..shape.n {
-        let bits = if symbols[i] == ESCAPE {
+    for (i, &symbol) in symbols.iter().enumerate() {
+        let bits = if symbol == ESCAPE {
             next_escape += 1;
             format.load(raw, next_escape - 1)
         } else {
             let (lo, scale) = b.params[shape.group_of(i)];
             let base = base_bits(format, lo, scale, b.codes[i]) as i64;
-            (base + symbols[i] as i64 - MAX_DELTA) as u32 & (u32::MAX >> (32 - 8 * bytes))
+            (base + symbol as i64 - MAX_DELTA) as u32 & (u32::MAX >> (32 - 8 * bytes))
         };
         store_bits(format, bits, out, i);
     }

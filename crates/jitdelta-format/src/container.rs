@@ -23,6 +23,15 @@ pub const VERSION: u32 = 1;
 pub const HEADER_LEN: u64 = 16;
 /// Footer length.
 pub const FOOTER_LEN: u64 = 32;
+/// Largest `chunk_rows` a file may declare.
+pub const MAX_CHUNK_ROWS: u64 = 1 << 32;
+/// Largest entropy-coded block a file may declare, in symbols.
+pub const MAX_BLOCK_LEN: u32 = 1 << 24;
+/// Largest affine group: with at least two stored values per group, an affine chunk holds at
+/// most 512 values per byte, which bounds what a decoder allocates by the file's size.
+pub const MAX_GROUP_SIZE: u32 = 1024;
+/// zstd cannot expand a frame by more than this (a 128 KiB RLE block costs 4 bytes).
+const ZSTD_MAX_RATIO: u64 = 1 << 15;
 
 /// The index: everything needed to find and decode every tensor.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -205,7 +214,7 @@ impl TensorEntry {
     pub fn dims(&self) -> Result<(usize, usize)> {
         let n = self.numel()?;
         let cols = self.shape.last().copied().unwrap_or(1) as usize;
-        Ok(if cols == 0 { (0, 0) } else { (n / cols, cols) })
+        Ok(n.checked_div(cols).map_or((0, 0), |rows| (rows, cols)))
     }
 }
 
@@ -331,10 +340,17 @@ impl Index {
                     format
                         .check_draft_bits(*draft_mantissa_bits)
                         .map_err(|e| Error::corrupt(format!("tensor `{}`: {e}", t.name)))?;
-                    // The raw planes alone take 1 + mantissa bits a value.
+                    // The exponent section length, the high plane in the base; exactly the low
+                    // plane in the residual.
                     let (rows, cols) = t.dims()?;
-                    self.check_chunks(t, chunking, rows, cols, &mut claims, |n| {
-                        (n as u64 * (1 + format.mantissa_bits()) as u64) / 8
+                    let d = *draft_mantissa_bits as u128;
+                    let m = format.mantissa_bits() as u128;
+                    self.check_chunks(t, chunking, rows, cols, &mut claims, |rows, n| {
+                        let _ = rows;
+                        (
+                            4 + (n * (1 + d)).div_ceil(8),
+                            Some((n * (m - d)).div_ceil(8)),
+                        )
                     })?;
                 }
                 Encoding::Affine {
@@ -347,20 +363,35 @@ impl Index {
                         crate::FloatFormat::from_dtype_name(&t.dtype).ok_or_else(|| {
                             Error::corrupt(format!("affine tensor `{}` is {}", t.name, t.dtype))
                         })?;
-                    if *group_size == 0 || residual_tables.len() != crate::affine::CODES {
+                    if *group_size == 0
+                        || *group_size > MAX_GROUP_SIZE
+                        || residual_tables.len() != crate::affine::CODES
+                    {
                         return Err(Error::corrupt(format!(
                             "affine tensor `{}` has bad parameters",
                             t.name
                         )));
                     }
                     let (rows, cols) = t.dims()?;
-                    // Group parameters take 2 values per group.
-                    let g = *group_size as u64;
-                    let per_value = format.bytes() as u64 * 2;
-                    self.check_chunks(t, chunking, rows, cols, &mut claims, |n| {
-                        (n as u64).div_ceil(g) * per_value
+                    // Two source values per group, then the code stream's length prefix.
+                    let per_row = (cols as u128).div_ceil(*group_size as u128);
+                    let pair = 2 * format.bytes() as u128;
+                    self.check_chunks(t, chunking, rows, cols, &mut claims, |rows, _| {
+                        (rows * per_row * pair + 4, None)
                     })?;
                 }
+            }
+        }
+        let mut outputs = std::collections::HashSet::new();
+        for name in self
+            .shards
+            .iter()
+            .map(|s| &s.name)
+            .chain(self.files.iter().map(|f| &f.name))
+        {
+            check_relative_name(name)?;
+            if !outputs.insert(name.as_str()) {
+                return Err(Error::corrupt(format!("file name `{name}` appears twice")));
             }
         }
         for (i, shard) in self.shards.iter().enumerate() {
@@ -369,18 +400,6 @@ impl Index {
             }
         }
         for f in &self.files {
-            if f.name.is_empty()
-                || f.name.starts_with('/')
-                || f.name.contains('\\')
-                || f.name
-                    .split('/')
-                    .any(|p| p == ".." || p == "." || p.is_empty())
-            {
-                return Err(Error::corrupt(format!(
-                    "unsafe auxiliary file name `{}`",
-                    f.name
-                )));
-            }
             claims.push(blob_claim(&f.blob, &f.name)?);
         }
         claims.sort_by_key(|c| c.start);
@@ -403,6 +422,8 @@ impl Index {
         Ok(())
     }
 
+    /// Checks chunk count and ranges; `min_len(rows, values)` gives the least base length a chunk
+    /// of that size needs and, where it is fixed, the exact residual length.
     fn check_chunks(
         &self,
         t: &TensorEntry,
@@ -410,11 +431,15 @@ impl Index {
         rows: usize,
         cols: usize,
         claims: &mut Vec<Claim>,
-        min_bytes: impl Fn(usize) -> u64,
+        min_len: impl Fn(u128, u128) -> (u128, Option<u128>),
     ) -> Result<()> {
-        if chunking.chunk_rows == 0 || chunking.block_len == 0 {
+        if chunking.chunk_rows == 0
+            || chunking.chunk_rows > MAX_CHUNK_ROWS
+            || chunking.block_len == 0
+            || chunking.block_len > MAX_BLOCK_LEN
+        {
             return Err(Error::corrupt(format!(
-                "tensor `{}` has zero chunk or block size",
+                "tensor `{}` has a chunk or block size out of range",
                 t.name
             )));
         }
@@ -427,18 +452,21 @@ impl Index {
             )));
         }
         for (i, c) in chunking.chunks.iter().enumerate() {
-            let first = i as u64 * chunking.chunk_rows;
-            let n = (chunking.chunk_rows.min(rows as u64 - first) * cols as u64) as usize;
+            let first = i as u128 * chunking.chunk_rows as u128;
+            let chunk_rows = (chunking.chunk_rows as u128).min(rows as u128 - first);
+            let n = chunk_rows * cols as u128;
             let len = c.base_len.checked_add(c.residual_len);
             let end = len.and_then(|l| c.offset.checked_add(l));
             let end = end.ok_or_else(|| {
                 Error::corrupt(format!("tensor `{}` chunk {i} overflows", t.name))
             })?;
-            if end - c.offset < min_bytes(n) {
+            let (min_base, residual) = min_len(chunk_rows, n);
+            if (c.base_len as u128) < min_base
+                || residual.is_some_and(|r| r != c.residual_len as u128)
+            {
                 return Err(Error::corrupt(format!(
-                    "tensor `{}` chunk {i}: {} bytes cannot hold {n} values",
-                    t.name,
-                    end - c.offset
+                    "tensor `{}` chunk {i}: {} + {} bytes cannot hold {n} values",
+                    t.name, c.base_len, c.residual_len
                 )));
             }
             claims.push(Claim {
@@ -451,14 +479,30 @@ impl Index {
     }
 }
 
+/// A relative path with `/` separators that cannot leave the folder it is joined to.
+fn check_relative_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.starts_with('/')
+        || name.contains('\\')
+        || name.contains(':')
+        || name
+            .split('/')
+            .any(|p| p == ".." || p == "." || p.is_empty())
+    {
+        return Err(Error::corrupt(format!("unsafe file name `{name}`")));
+    }
+    Ok(())
+}
+
 fn blob_claim(b: &StoredBlob, what: &str) -> Result<Claim> {
     let end = b
         .offset
         .checked_add(b.len)
         .ok_or_else(|| Error::corrupt(format!("{what}: blob range overflows")))?;
-    if !b.zstd && b.len != b.raw_len {
+    if (!b.zstd && b.len != b.raw_len) || b.raw_len > b.len.saturating_mul(ZSTD_MAX_RATIO) {
         return Err(Error::corrupt(format!(
-            "{what}: uncompressed blob length mismatch"
+            "{what}: stored length {} cannot give {} bytes",
+            b.len, b.raw_len
         )));
     }
     Ok(Claim {

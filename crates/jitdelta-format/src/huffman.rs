@@ -274,7 +274,7 @@ pub fn encode(
             for pair in block[start..start + len].chunks(2) {
                 for &s in pair {
                     let (code, l) = enc.codes[s as usize];
-                    missing |= l == 0 && !single.is_some_and(|only| only == s);
+                    missing |= l == 0 && single.is_none_or(|only| only != s);
                     acc |= (code as u64) << bits;
                     bits += l;
                 }

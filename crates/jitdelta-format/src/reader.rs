@@ -247,8 +247,10 @@ impl TensorView {
     }
 
     /// Rows per chunk (the last may be shorter); `None` for stored tensors.
+    /// (Never more than the tensor's rows, so chunk byte sizes cannot overflow.)
     pub fn chunk_rows(&self) -> Option<usize> {
-        self.chunking().map(|c| c.chunk_rows as usize)
+        self.chunking()
+            .map(|c| (c.chunk_rows as usize).min(self.rows.max(1)))
     }
 
     /// Values in chunk `c`.
@@ -373,6 +375,10 @@ impl TensorView {
 
     /// Decodes the whole tensor to its exact source bytes (chunks in parallel).
     pub fn decode_exact(&self) -> Result<Vec<u8>> {
+        if let Encoding::Stored { blob } = &self.entry().encoding {
+            // Grows with the data actually stored, never with the claimed size alone.
+            return self.file.read_blob(blob, &self.entry().name);
+        }
         let mut out = vec![0u8; self.entry().byte_len()?];
         self.decode_exact_into(&mut out)?;
         Ok(out)

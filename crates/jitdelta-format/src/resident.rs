@@ -131,6 +131,7 @@ impl ResidentTensor {
         if chunk_rows == 0 {
             return Err(Error::InvalidOption("chunk_rows must be at least 1".into()));
         }
+        let chunk_rows = chunk_rows.min(rows.max(1));
         let count = if cols == 0 {
             0
         } else {
@@ -240,7 +241,8 @@ impl ResidentTensor {
         self.chunk_rows.min(self.rows.saturating_sub(first)) * self.cols
     }
 
-    fn segments(&self, c: usize) -> Result<(&[u8], &[u8], &[u8], usize)> {
+    /// Chunk `c`'s segments of the code, high and low planes, and its value count.
+    fn segments(&self, c: usize) -> Result<ChunkSegments<'_>> {
         if c >= self.chunk_count() {
             return Err(Error::ChunkOutOfRange {
                 tensor: "resident".into(),
@@ -340,6 +342,9 @@ impl ResidentTensor {
             .try_for_each(|(c, o)| self.decode_chunk_draft(c, dtype, o))
     }
 }
+
+/// (code plane, high plane, low plane, values) of one chunk.
+type ChunkSegments<'a> = (&'a [u8], &'a [u8], &'a [u8], usize);
 
 pub(crate) fn check_len(out: &[u8], expected: usize) -> Result<()> {
     if out.len() == expected {

@@ -92,7 +92,7 @@ pub fn file_stats(jd: &JdFile) -> Result<FileStats> {
             chunks: view.chunk_count(),
             numel,
             raw_bytes: entry.byte_len()? as u64,
-            base_bytes: base - scale_bytes,
+            base_bytes: base.saturating_sub(scale_bytes),
             residual_bytes: residual,
             scale_bytes,
             table_bytes,

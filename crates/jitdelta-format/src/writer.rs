@@ -65,10 +65,15 @@ impl EncodeOptions {
                 "chunk rows, group size and block length must be at least 1".into(),
             ));
         }
-        if self.block_len > u32::MAX as usize || self.group_size > u32::MAX as usize {
-            return Err(Error::InvalidOption(
-                "block length or group size too large".into(),
-            ));
+        use crate::container::{MAX_BLOCK_LEN, MAX_CHUNK_ROWS, MAX_GROUP_SIZE};
+        if self.chunk_rows as u64 > MAX_CHUNK_ROWS
+            || self.block_len > MAX_BLOCK_LEN as usize
+            || self.group_size > MAX_GROUP_SIZE as usize
+        {
+            return Err(Error::InvalidOption(format!(
+                "chunk rows, block length and group size may be at most {MAX_CHUNK_ROWS}, \
+                 {MAX_BLOCK_LEN} and {MAX_GROUP_SIZE}"
+            )));
         }
         Ok(())
     }
@@ -231,7 +236,8 @@ impl JdWriter {
         opts: &EncodeOptions,
     ) -> Result<Encoding> {
         format.check_draft_bits(opts.draft_mantissa_bits)?;
-        let chunk_bytes = (opts.chunk_rows * cols * format.bytes()).max(1);
+        let rows = data.len() / (cols * format.bytes()).max(1);
+        let chunk_bytes = (opts.chunk_rows.min(rows.max(1)) * cols * format.bytes()).max(1);
         let chunks: Vec<&[u8]> = if cols == 0 {
             Vec::new()
         } else {

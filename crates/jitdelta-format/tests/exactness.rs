@@ -157,7 +157,7 @@ fn load(f: FloatFormat, bytes: &[u8], i: usize) -> u32 {
 fn shape() -> BoxedStrategy<Vec<u64>> {
     prop_oneof![
         5 => (0u64..20, 0u64..20).prop_map(|(r, c)| vec![r, c]),
-        // Enough rows and columns for several chunks of several rANS blocks.
+        // Enough rows and columns for several chunks of several entropy-coded blocks.
         2 => (20u64..70, 1u64..60).prop_map(|(r, c)| vec![r, c]),
         // Stacked experts.
         2 => (1u64..4, 0u64..6, 0u64..9).prop_map(|(a, b, c)| vec![a, b, c]),
@@ -190,12 +190,12 @@ fn options(f: FloatFormat) -> impl Strategy<Value = EncodeOptions> {
         1usize..40,
     )
         .prop_map(
-            |(base, d, chunk_rows, rans_block, group_size)| EncodeOptions {
+            |(base, d, chunk_rows, block_len, group_size)| EncodeOptions {
                 base,
                 draft_mantissa_bits: d,
                 chunk_rows,
                 group_size,
-                rans_block,
+                block_len,
                 ..EncodeOptions::default()
             },
         )
@@ -533,7 +533,7 @@ proptest! {
         rows in 1u64..40,
         cols in 1u64..40,
         chunk_rows in 1usize..8,
-        rans_block in 1usize..100,
+        block_len in 1usize..100,
         seed in any::<u64>(),
     ) {
         let n = (rows * cols) as usize;
@@ -556,7 +556,7 @@ proptest! {
                 base: BaseKind::Bitplane,
                 draft_mantissa_bits: d,
                 chunk_rows,
-                rans_block,
+                block_len,
                 ..EncodeOptions::default()
             },
         };
@@ -705,7 +705,7 @@ fn writer_rejects_bad_calls() {
             ..o.clone()
         },
         EncodeOptions {
-            rans_block: 0,
+            block_len: 0,
             ..o.clone()
         },
     ] {
@@ -777,7 +777,7 @@ fn encoding_is_deterministic() {
             let opts = EncodeOptions {
                 base,
                 chunk_rows: 3,
-                rans_block: 17,
+                block_len: 17,
                 group_size: 7,
                 ..EncodeOptions::default()
             };
@@ -808,7 +808,7 @@ fn every_16_bit_pattern_roundtrips() {
                         base,
                         draft_mantissa_bits: d,
                         chunk_rows: 61,
-                        rans_block: 1000,
+                        block_len: 1000,
                         group_size: 33,
                         ..EncodeOptions::default()
                     },

@@ -53,7 +53,7 @@ fn write_small(path: &Path) {
     let bp = EncodeOptions {
         base: BaseKind::Bitplane,
         chunk_rows: 4,
-        rans_block: 16,
+        block_len: 16,
         ..EncodeOptions::default()
     };
     w.add_tensor(
@@ -69,7 +69,7 @@ fn write_small(path: &Path) {
         base: BaseKind::Affine,
         chunk_rows: 2,
         group_size: 4,
-        rans_block: 8,
+        block_len: 8,
         ..EncodeOptions::default()
     };
     let f16: Vec<u8> = (0..40u32)
@@ -82,7 +82,7 @@ fn write_small(path: &Path) {
         .collect();
     let auto = EncodeOptions {
         chunk_rows: 3,
-        rans_block: 5,
+        block_len: 5,
         ..EncodeOptions::default()
     };
     w.add_tensor("w.f32", "F32", &[2, 3, 4], s1, &f32s, &auto)
@@ -160,6 +160,29 @@ fn is_open_error(e: &Error) -> bool {
             | Error::Index(_)
             | Error::UnsupportedDtype(_)
     )
+}
+
+/// `file_stats` of a file that opened: an error, or sizes that fit in the file (no wrapped
+/// arithmetic passed off as a size).
+#[track_caller]
+fn assert_sane_stats(jd: &JdFile) {
+    if let Ok(stats) = file_stats(jd) {
+        for t in &stats.tensors {
+            for (what, v) in [
+                ("base", t.base_bytes),
+                ("residual", t.residual_bytes),
+                ("scale", t.scale_bytes),
+                ("table", t.table_bytes),
+            ] {
+                assert!(
+                    v <= stats.file_bytes,
+                    "{}: {what} bytes {v} exceed the file's {}",
+                    t.name,
+                    stats.file_bytes
+                );
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,7 +539,7 @@ fn chunk_count_and_geometry_must_match_the_shape() {
     assert_corrupt(open_edited(|_, index| {
         tensor(index, "w.bitplane")["encoding"]["chunking"]["chunk_rows"] = json!(1)
     }));
-    for field in ["chunk_rows", "rans_block"] {
+    for field in ["chunk_rows", "block_len"] {
         for name in ["w.bitplane", "w.affine"] {
             assert_corrupt(open_edited(|_, index| {
                 tensor(index, name)["encoding"]["chunking"][field] = json!(0)
@@ -553,6 +576,7 @@ fn chunk_count_and_geometry_must_match_the_shape() {
 
 #[test]
 fn bad_frequency_tables_are_rejected() {
+    // rANS frequency tables (the affine kind): must sum to 4096, no zero or repeated entry.
     let tables = [
         json!([[0, 4000]]),
         json!([[0, 4095]]),
@@ -561,30 +585,82 @@ fn bad_frequency_tables_are_rejected() {
         json!([[300, 4096]]),
         json!([[0, 0], [1, 4096]]),
         json!([[0, 65535], [1, 65535]]),
+        json!([[0, 70000]]),
+        json!("not a table"),
+    ];
+    for t in &tables {
+        for (name, field) in [("w.affine", "code_table"), ("w.affine", "residual_tables")] {
+            let r = open_edited(|_, index| {
+                let enc = &mut tensor(index, name)["encoding"];
+                if field == "residual_tables" {
+                    enc[field][3] = t.clone();
+                } else {
+                    enc[field] = t.clone();
+                }
+            });
+            assert!(
+                matches!(r, Err(Error::Index(_))),
+                "{field} {t}: {:?}",
+                r.err()
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_code_length_tables_are_rejected() {
+    // Huffman code lengths (the bit-plane exponent): a complete prefix code of lengths 1..=12,
+    // or a single symbol of length 0, or nothing.
+    let tables = [
+        json!([[0, 1]]),
+        json!([[0, 1], [1, 2]]),
+        json!([[0, 1], [0, 1]]),
+        json!([[0, 1], [1, 1], [2, 1]]),
+        json!([[0, 13], [1, 1]]),
+        json!([[300, 1], [1, 1]]),
+        json!([[0, 0], [1, 0]]),
+        json!([[0, 0], [1, 1], [2, 1]]),
+        json!([[0, 1], [1, 256]]),
         json!("not a table"),
     ];
     for t in &tables {
         let r = open_edited(|_, index| {
-            tensor(index, "w.bitplane")["encoding"]["exponent_table"] = t.clone()
-        });
-        assert!(matches!(r, Err(Error::Index(_))), "{t}: {:?}", r.err());
-        let r = open_edited(|_, index| {
-            tensor(index, "w.affine")["encoding"]["residual_tables"][3] = t.clone()
+            tensor(index, "w.bitplane")["encoding"]["exponent_code"] = t.clone()
         });
         assert!(matches!(r, Err(Error::Index(_))), "{t}: {:?}", r.err());
     }
-    // A valid table under which the chunk's symbols cannot be decoded: open succeeds, decoding
-    // fails cleanly.
-    let jd = open_edited(|_, index| {
-        tensor(index, "w.bitplane")["encoding"]["exponent_table"] = json!([[0, 4096]])
-    })
-    .unwrap();
-    assert!(jd.tensor("w.bitplane").unwrap().decode_exact().is_err());
-    let jd = open_edited(|_, index| {
-        tensor(index, "w.bitplane")["encoding"]["exponent_table"] = json!([])
-    })
-    .unwrap();
-    assert!(jd.tensor("w.bitplane").unwrap().decode_exact().is_err());
+    // Valid tables under which the chunk's bits are not a valid stream: open succeeds, decoding
+    // fails cleanly (a one-symbol table decodes without reading bits, so the stream lengths no
+    // longer match; an empty table cannot code any symbol).
+    for t in [json!([[0, 0]]), json!([[120, 0]]), json!([])] {
+        let jd = open_edited(|_, index| {
+            tensor(index, "w.bitplane")["encoding"]["exponent_code"] = t.clone()
+        })
+        .unwrap();
+        let view = jd.tensor("w.bitplane").unwrap();
+        assert!(view.decode_exact().is_err(), "{t}");
+        assert!(view.decode_draft(DraftDtype::F32).is_err(), "{t}");
+        assert!(view.to_resident(3).is_err(), "{t}");
+    }
+    // Any other complete code decodes or fails, without panicking.
+    for t in [
+        json!([[0, 1], [1, 1]]),
+        json!([[118, 2], [119, 2], [120, 2], [121, 2]]),
+        json!([[118, 1], [119, 2], [120, 3], [121, 4], [122, 5], [123, 5]]),
+        json!((0..256).map(|s| json!([s, 8])).collect::<Vec<_>>()),
+        json!((0..12)
+            .map(|s| json!([s, s + 1]))
+            .chain([json!([12, 12])])
+            .collect::<Vec<_>>()),
+    ] {
+        let jd = open_edited(|_, index| {
+            tensor(index, "w.bitplane")["encoding"]["exponent_code"] = t.clone()
+        })
+        .unwrap();
+        let view = jd.tensor("w.bitplane").unwrap();
+        let _ = view.decode_exact();
+        let _ = view.decode_draft(DraftDtype::BF16);
+    }
 }
 
 #[test]
@@ -677,7 +753,7 @@ fn affine_chunk_with_short_base_fails_cleanly() {
     let Ok(jd) = jd else { return };
     assert!(jd.tensor("w.affine").unwrap().decode_exact().is_err());
     // Size accounting of a file that opened must not panic.
-    let _ = file_stats(&jd);
+    assert_sane_stats(&jd);
 }
 
 /// `chunk_rows` far larger than the tensor (one chunk holds everything, as the writer produces
@@ -745,6 +821,34 @@ fn affine_shape_near_u64_limit_is_rejected() {
         let c = t["encoding"]["chunking"]["chunks"][0].clone();
         t["encoding"]["chunking"]["chunks"] = json!([c]);
     }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions found by the `reader` fuzz target (fuzz/README.md)
+
+/// Found by `cargo fuzz run reader` after ~1.48M executions: the reference file with the affine
+/// tensor's shape edited from [5, 8] to [5, 81] (checksums repaired). Every chunk is still long
+/// enough in total for its group parameters, so the file opens; the base parts are not, and
+/// `file_stats` subtracted the parameter bytes from the base bytes without checking. The input
+/// is kept in `tests/data/` with its index renamed to the current field names.
+#[test]
+fn fuzz_regression_file_stats_underflow() {
+    let bytes = include_bytes!("data/fuzz-reader-file-stats-underflow.jd").to_vec();
+    let Ok(jd) = JdFile::from_bytes(bytes) else {
+        return;
+    };
+    assert_sane_stats(&jd);
+    assert!(decode_all(&jd).is_err());
+}
+
+/// The same finding built from the current reference file.
+#[test]
+fn affine_shape_wider_than_its_chunks() {
+    let Ok(jd) = open_edited(|_, index| tensor(index, "w.affine")["shape"] = json!([5, 81])) else {
+        return;
+    };
+    assert_sane_stats(&jd);
+    assert!(jd.tensor("w.affine").unwrap().decode_exact().is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -847,7 +951,7 @@ fn affine_huge() -> Vec<u8> {
     t["shape"] = json!([1, cols]);
     t["encoding"]["group_size"] = json!(g);
     t["encoding"]["chunking"]["chunk_rows"] = json!(1);
-    t["encoding"]["chunking"]["rans_block"] = json!(u32::MAX);
+    t["encoding"]["chunking"]["block_len"] = json!(u32::MAX);
     t["encoding"]["chunking"]["chunks"] =
         json!([[offset, params + 12, 0, crc, crc32fast::hash(&[])]]);
     build(&data, &index)
@@ -894,6 +998,9 @@ fn affine_tensor_claiming_128_gib_errors_without_allocating() {
 
 /// Writes the seed corpus of the `reader` fuzz target (`fuzz/seeds/reader/`):
 ///   cargo test -p jitdelta-format --test hostile write_fuzz_seeds -- --ignored
+/// A seed file: its name and what to write into it.
+type Seed = (&'static str, Box<dyn Fn(&mut JdWriter)>);
+
 #[test]
 #[ignore = "writes fuzz/seeds/reader; run on purpose"]
 fn write_fuzz_seeds() {
@@ -901,7 +1008,7 @@ fn write_fuzz_seeds() {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("small.jd"), small_file()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut seeds: Vec<(&str, Box<dyn Fn(&mut JdWriter)>)> = Vec::new();
+    let mut seeds: Vec<Seed> = Vec::new();
     seeds.push((
         "bitplane-bf16.jd",
         Box::new(|w: &mut JdWriter| {
@@ -909,7 +1016,7 @@ fn write_fuzz_seeds() {
             let o = EncodeOptions {
                 base: BaseKind::Bitplane,
                 chunk_rows: 3,
-                rans_block: 7,
+                block_len: 7,
                 ..EncodeOptions::default()
             };
             w.add_tensor("w", "BF16", &[7, 9], s, &weights_bf16(63, 5), &o)
@@ -924,7 +1031,7 @@ fn write_fuzz_seeds() {
                 base: BaseKind::Affine,
                 chunk_rows: 2,
                 group_size: 3,
-                rans_block: 5,
+                block_len: 5,
                 ..EncodeOptions::default()
             };
             let v: Vec<u8> = (0..30u32)
@@ -939,7 +1046,7 @@ fn write_fuzz_seeds() {
             let s = w.add_shard("m.safetensors", None);
             let o = EncodeOptions {
                 chunk_rows: 2,
-                rans_block: 3,
+                block_len: 3,
                 ..EncodeOptions::default()
             };
             let v: Vec<u8> = [
@@ -994,6 +1101,24 @@ fn write_fuzz_seeds() {
                 .unwrap();
         }),
     ));
+    // Through compress_model: a shard with its original safetensors header kept.
+    {
+        let src = dir.path().join("model.safetensors");
+        let w = weights_bf16(16 * 8, 11);
+        let tensors = vec![(
+            "w",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![16, 8], &w)
+                .unwrap(),
+        )];
+        let meta = Some([("format".to_string(), "pt".to_string())].into());
+        safetensors::serialize_to_file(tensors, meta, &src).unwrap();
+        let path = dir.path().join("compressed-model.jd");
+        jitdelta_format::compress_model(&src, &path, &EncodeOptions::default(), false).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() < 20 << 10);
+        decode_all(&JdFile::from_bytes(bytes.clone()).unwrap()).unwrap();
+        std::fs::write(root.join("compressed-model.jd"), bytes).unwrap();
+    }
     for (name, fill) in seeds {
         let path = dir.path().join(name);
         let mut w = JdWriter::create(&path).unwrap();

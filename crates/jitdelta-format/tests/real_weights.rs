@@ -117,6 +117,13 @@ fn assert_same_safetensors(original: &Path, restored: &Path) {
         "{}: __metadata__",
         restored.display()
     );
+    // Decompression keeps the original header: the whole file is byte-identical.
+    assert!(
+        a == b,
+        "{}: same tensors but not byte-identical to {}",
+        restored.display(),
+        original.display()
+    );
 }
 
 /// Every shard and auxiliary file of `original` is in `restored`, equal; nothing else is.
@@ -156,13 +163,6 @@ fn roundtrip_folder(src: &Path, work: &Path) -> PathBuf {
     let out = work.join("restored");
     decompress_model(&jd, &out, false).unwrap();
     assert_same_folder(src, &out);
-    // The restored folder verifies too.
-    let v = verify_model(&jd, &out, false).unwrap();
-    assert!(
-        v.mismatches.is_empty(),
-        "verify restored: {:#?}",
-        v.mismatches
-    );
     let stats = file_stats(&JdFile::open(&jd).unwrap()).unwrap();
     assert_eq!(stats.tensors.len(), report.tensors);
     assert_eq!(stats.file_bytes, std::fs::metadata(&jd).unwrap().len());
