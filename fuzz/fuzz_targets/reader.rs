@@ -13,39 +13,14 @@ use jitdelta_format::container::{footer_bytes, FOOTER_LEN, HEADER_LEN};
 use jitdelta_format::{file_stats, DraftDtype, Encoding, Index, JdFile};
 use libfuzzer_sys::fuzz_target;
 
-/// With `JITDELTA_FUZZ_SKIP_KNOWN=1`, inputs that hit bugs already reported (and covered by
-/// tests in `crates/jitdelta-format/tests/hostile.rs`) are not exercised, so that a run can look
-/// past them: `file_stats` (integer underflow), tensors claiming more than 64 MiB decoded (the
-/// reader allocates the claim), `chunk_rows` larger than the tensor's rows (overflow).
-fn skip_known() -> bool {
-    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var("JITDELTA_FUZZ_SKIP_KNOWN").is_ok_and(|v| v == "1"))
-}
-
-fn known_bug(entry: &jitdelta_format::TensorEntry) -> bool {
-    let too_big = entry.byte_len().map_or(true, |b| b > 64 << 20);
-    let huge_chunks = match &entry.encoding {
-        Encoding::Stored { .. } => false,
-        Encoding::Bitplane { chunking, .. } | Encoding::Affine { chunking, .. } => entry
-            .dims()
-            .map_or(true, |(rows, _)| chunking.chunk_rows > rows.max(1) as u64),
-    };
-    too_big || huge_chunks
-}
-
 fn exercise(bytes: Vec<u8>) {
     let Ok(jd) = JdFile::from_bytes(bytes) else {
         return;
     };
-    if !skip_known() {
-        let _ = file_stats(&jd);
-    }
+    let _ = file_stats(&jd);
     let names: Vec<String> = jd.tensor_names().map(String::from).collect();
     for name in &names {
         let Ok(view) = jd.tensor(name) else { continue };
-        if skip_known() && known_bug(view.entry()) {
-            continue;
-        }
         let _ = view.decode_exact();
         if let Some(f) = view.format() {
             for c in 0..view.chunk_count() {

@@ -75,6 +75,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also transcode every split tensor to the in-memory resident layout (12-bit planes
+        /// for BF16) and report its size, the draft's share and the exponent escapes.
+        #[arg(long)]
+        resident: bool,
     },
 }
 
@@ -167,17 +171,72 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
                 Ok(ExitCode::from(1))
             }
         }
-        Command::Inspect { input, json } => {
+        Command::Inspect {
+            input,
+            json,
+            resident,
+        } => {
             let jd = JdFile::open(&input)?;
             let stats = file_stats(&jd)?;
+            let resident = resident.then(|| resident_stats(&jd)).transpose()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                let mut value = serde_json::to_value(&stats)?;
+                value["resident"] = serde_json::to_value(&resident)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_table(&stats);
+                if let Some(r) = resident {
+                    println!(
+                        "resident layout: {} bytes for {} weights ({:.2}% of BF16-size {} bytes; \
+                         {:.3} bits/weight, draft reads {:.3}); {} exponent escapes ({:.4}%)",
+                        r.bytes,
+                        r.weights,
+                        100.0 * r.bytes as f64 / r.source_bytes.max(1) as f64,
+                        r.source_bytes,
+                        bits(r.bytes, r.weights),
+                        bits(r.draft_bytes, r.weights),
+                        r.escapes,
+                        100.0 * r.escapes as f64 / r.weights.max(1) as f64
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Totals of the resident layout over every split tensor of a file.
+#[derive(serde::Serialize)]
+struct ResidentStats {
+    weights: u64,
+    source_bytes: u64,
+    bytes: u64,
+    draft_bytes: u64,
+    escapes: u64,
+}
+
+fn resident_stats(jd: &JdFile) -> Result<ResidentStats, jitdelta_format::Error> {
+    let mut r = ResidentStats {
+        weights: 0,
+        source_bytes: 0,
+        bytes: 0,
+        draft_bytes: 0,
+        escapes: 0,
+    };
+    for name in jd.tensor_names() {
+        let view = jd.tensor(name)?;
+        let Some(format) = view.format() else {
+            continue;
+        };
+        let t = view.to_resident(3)?;
+        let (rows, cols) = t.dims();
+        r.weights += (rows * cols) as u64;
+        r.source_bytes += (rows * cols * format.bytes()) as u64;
+        r.bytes += t.bytes_held() as u64;
+        r.draft_bytes += t.draft_bytes() as u64;
+        r.escapes += t.escape_count() as u64;
+    }
+    Ok(r)
 }
 
 fn bits(bytes: u64, numel: u64) -> f64 {
@@ -209,12 +268,15 @@ fn print_table(s: &jitdelta_format::FileStats) {
     let numel = sum(|t| t.numel);
     let raw = sum(|t| t.raw_bytes);
     println!(
-        "total: {} tensors, {} weights, {} raw bytes -> {} file bytes ({:.2}% of raw)",
+        "total: {} tensors, {} weights, {} raw bytes -> {} file bytes ({:.2}% of raw; \
+         {:.2}% without the {} bytes of auxiliary files)",
         s.tensors.len(),
         numel,
         raw,
         s.file_bytes,
-        100.0 * s.file_bytes as f64 / raw.max(1) as f64
+        100.0 * s.file_bytes as f64 / raw.max(1) as f64,
+        100.0 * (s.file_bytes - s.aux_bytes) as f64 / raw.max(1) as f64,
+        s.aux_bytes
     );
     println!(
         "bits/weight: base {:.3}, residual {:.3}, scales {:.3}, tables {:.4}, container {:.4}, aux files {:.4}, file {:.3}",

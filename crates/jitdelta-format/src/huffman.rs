@@ -406,22 +406,33 @@ pub fn decode_block(block: &[u8], dec: &HuffmanDecoder, out: &mut [u8]) -> Resul
             let cs = [c0, c1, c2, c3];
             let ps = [&mut **p0, &mut **p1, &mut **p2, &mut **p3];
             loop {
-                let ready = cs.iter().zip(ps.iter()).all(|(c, p)| {
-                    (c.bit >> 3) + 8 <= c.data.len() && c.pos + PER_LOOKUP <= p.len()
-                });
-                if !ready {
+                // Steps every cursor can surely take: a step reads at most 12 bits inside an
+                // 8-byte window and writes at most 4 symbols (at least 1).
+                let steps = cs
+                    .iter()
+                    .zip(ps.iter())
+                    .map(|(c, p)| {
+                        let bits_left = (c.data.len().saturating_sub(8) * 8).saturating_sub(c.bit);
+                        let room = p.len().saturating_sub(c.pos + PER_LOOKUP - 1);
+                        (bits_left / MAX_LEN as usize).min(room)
+                    })
+                    .min()
+                    .unwrap_or(0);
+                if steps == 0 {
                     break;
                 }
-                for k in 0..STREAMS {
-                    let c = &mut *cs[k];
-                    let p = &mut *ps[k];
-                    let byte = c.bit >> 3;
-                    let w = u64::from_le_bytes(c.data[byte..byte + 8].try_into().unwrap())
-                        >> (c.bit & 7);
-                    let e = lut[(w & (LOOKUP as u64 - 1)) as usize];
-                    p[c.pos..c.pos + PER_LOOKUP].copy_from_slice(&(e as u32).to_le_bytes());
-                    c.pos += ((e >> 32) & 0xFF) as usize;
-                    c.bit += ((e >> 40) & 0xFF) as usize;
+                for _ in 0..steps {
+                    for k in 0..STREAMS {
+                        let c = &mut *cs[k];
+                        let p = &mut *ps[k];
+                        let byte = c.bit >> 3;
+                        let w = u64::from_le_bytes(c.data[byte..byte + 8].try_into().unwrap())
+                            >> (c.bit & 7);
+                        let e = lut[(w & (LOOKUP as u64 - 1)) as usize];
+                        p[c.pos..c.pos + PER_LOOKUP].copy_from_slice(&(e as u32).to_le_bytes());
+                        c.pos += ((e >> 32) & 0xFF) as usize;
+                        c.bit += ((e >> 40) & 0xFF) as usize;
+                    }
                 }
             }
         }

@@ -162,27 +162,32 @@ pub(crate) fn join<const BYTES: usize, const M: u32, const E: u32>(
 pub(crate) fn join_bf16_nibbles(exps: &[u8], high: &[u8], low: &[u8], out: &mut [u8]) {
     let n = out.len() / 2;
     let pairs = n / 2;
-    // Two values per byte of each plane: one u32 of output per pair.
-    let mut first = 0;
-    while first < pairs {
-        let len = BATCH.min(pairs - first);
-        let mut words = [0u32; BATCH];
-        let e = &exps[2 * first..2 * (first + len)];
-        let (h, l) = (&high[first..first + len], &low[first..first + len]);
-        for (j, w) in words[..len].iter_mut().enumerate() {
-            let (hb, lb) = (h[j] as u32, l[j] as u32);
-            let (e0, e1) = (e[2 * j] as u32, e[2 * j + 1] as u32);
-            let v0 = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
-            let v1 = ((hb & 0x80) << 8) | (e1 << 7) | (hb & 0x70) | (lb >> 4);
-            *w = (v0 | v1 << 16).to_le();
-        }
-        out[4 * first..4 * (first + len)].copy_from_slice(bytemuck::cast_slice(&words[..len]));
-        first += len;
+    // Two values per byte of each plane: one u32 of output per pair (the second value's
+    // exponent is 0 past an odd end).
+    let pair = |j: usize| {
+        let (hb, lb) = (high[j] as u32, low[j] as u32);
+        let (e0, e1) = (
+            exps[2 * j] as u32,
+            exps.get(2 * j + 1).map_or(0, |&e| e as u32),
+        );
+        let v0 = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
+        let v1 = ((hb & 0x80) << 8) | (e1 << 7) | (hb & 0x70) | (lb >> 4);
+        v0 | v1 << 16
+    };
+    let body = &mut out[..4 * pairs];
+    match bytemuck::try_cast_slice_mut::<u8, u32>(body) {
+        // Aligned output (buffers from the allocator and chunk-sized slices of them).
+        Ok(words) => words
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, w)| *w = pair(j).to_le()),
+        Err(_) => body
+            .chunks_exact_mut(4)
+            .enumerate()
+            .for_each(|(j, c)| c.copy_from_slice(&pair(j).to_le_bytes())),
     }
     if n % 2 == 1 {
-        let (hb, lb, e0) = (high[pairs] as u32, low[pairs] as u32, exps[n - 1] as u32);
-        let v = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
-        out[2 * n - 2..].copy_from_slice(&(v as u16).to_le_bytes());
+        out[2 * n - 2..].copy_from_slice(&(pair(pairs) as u16).to_le_bytes());
     }
 }
 
