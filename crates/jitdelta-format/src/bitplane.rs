@@ -6,7 +6,8 @@ use crate::bitpack::{pack, packed_len, unpack};
 use crate::float::{DraftDtype, FloatFormat};
 use crate::huffman::{self, HuffmanDecoder, HuffmanEncoder};
 use crate::lanes::{
-    draft, histogram, join, join_bf16_nibbles, split, split_bf16_nibbles, with_layout,
+    draft, draft_bf16_nibbles, histogram, join, join_bf16_nibbles, split, split_bf16_nibbles,
+    with_layout,
 };
 use crate::section;
 use crate::Result;
@@ -128,10 +129,14 @@ pub fn decode_draft(
     for (b, block) in parts.blocks.iter().enumerate() {
         let first = b * block_len;
         let len = block_len.min(n - first);
-        let (exps, high, _) = scratch.get(len);
-        huffman::decode_block(block, table, exps)?;
-        unpack(parts.high, 1 + d, first, high);
+        huffman::decode_block(block, table, scratch.exps(len))?;
         let dst = &mut out[first * dtype.bytes()..(first + len) * dtype.bytes()];
+        if format == FloatFormat::BF16 && d == 3 && block_len % 2 == 0 {
+            draft_bf16_nibbles(scratch.exps(len), &parts.high[first / 2..], dtype, dst);
+            continue;
+        }
+        let (exps, high, _) = scratch.get(len);
+        unpack(parts.high, 1 + d, first, high);
         with_layout!(format, draft(exps, high, d, dtype, dst));
     }
     Ok(())

@@ -162,32 +162,70 @@ pub(crate) fn join<const BYTES: usize, const M: u32, const E: u32>(
 pub(crate) fn join_bf16_nibbles(exps: &[u8], high: &[u8], low: &[u8], out: &mut [u8]) {
     let n = out.len() / 2;
     let pairs = n / 2;
-    // Two values per byte of each plane: one u32 of output per pair (the second value's
-    // exponent is 0 past an odd end).
+    // Two values per byte of each plane: one u32 of output per pair.
+    let (e, h, l) = (&exps[..2 * pairs], &high[..pairs], &low[..pairs]);
     let pair = |j: usize| {
-        let (hb, lb) = (high[j] as u32, low[j] as u32);
-        let (e0, e1) = (
-            exps[2 * j] as u32,
-            exps.get(2 * j + 1).map_or(0, |&e| e as u32),
-        );
+        let (hb, lb) = (h[j] as u32, l[j] as u32);
+        let (e0, e1) = (e[2 * j] as u32, e[2 * j + 1] as u32);
         let v0 = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
         let v1 = ((hb & 0x80) << 8) | (e1 << 7) | (hb & 0x70) | (lb >> 4);
         v0 | v1 << 16
     };
-    let body = &mut out[..4 * pairs];
-    match bytemuck::try_cast_slice_mut::<u8, u32>(body) {
-        // Aligned output (buffers from the allocator and chunk-sized slices of them).
-        Ok(words) => words
-            .iter_mut()
-            .enumerate()
-            .for_each(|(j, w)| *w = pair(j).to_le()),
-        Err(_) => body
-            .chunks_exact_mut(4)
-            .enumerate()
-            .for_each(|(j, c)| c.copy_from_slice(&pair(j).to_le_bytes())),
+    fill(&mut out[..4 * pairs], pair);
+    if n % 2 == 1 {
+        let (hb, lb, e0) = (high[pairs] as u32, low[pairs] as u32, exps[n - 1] as u32);
+        let v = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
+        out[2 * n - 2..].copy_from_slice(&(v as u16).to_le_bytes());
+    }
+}
+
+/// [`draft`] for the default BF16 layout (`d = 3`) from the high nibble plane (starting at an
+/// even field index): the hot path of draft decoding, two values per plane byte.
+pub(crate) fn draft_bf16_nibbles(exps: &[u8], high: &[u8], dtype: DraftDtype, out: &mut [u8]) {
+    let value = |e: u32, h: u32| {
+        let mid = if e != 0 && e != 0xFF { 8 } else { 0 };
+        ((h >> 3) << 15) | (e << 7) | ((h & 7) << 4) | mid
+    };
+    let n = out.len() / dtype.bytes();
+    let pairs = n / 2;
+    let (e, h) = (&exps[..2 * pairs], &high[..pairs]);
+    let pair = |j: usize| {
+        let hb = h[j] as u32;
+        (
+            value(e[2 * j] as u32, hb & 15),
+            value(e[2 * j + 1] as u32, hb >> 4),
+        )
+    };
+    let body = &mut out[..2 * pairs * dtype.bytes()];
+    match dtype {
+        DraftDtype::BF16 => fill(body, |j| {
+            let (v0, v1) = pair(j);
+            v0 | v1 << 16
+        }),
+        DraftDtype::F32 => fill(body, |j| {
+            let (v0, v1) = pair(j);
+            (v0 as u64) << 16 | (v1 as u64) << 48
+        }),
     }
     if n % 2 == 1 {
-        out[2 * n - 2..].copy_from_slice(&(pair(pairs) as u16).to_le_bytes());
+        let v = value(exps[n - 1] as u32, high[pairs] as u32 & 15);
+        let tail = &mut out[(n - 1) * dtype.bytes()..];
+        match dtype {
+            DraftDtype::BF16 => tail.copy_from_slice(&(v as u16).to_le_bytes()),
+            DraftDtype::F32 => tail.copy_from_slice(&(v << 16).to_le_bytes()),
+        }
+    }
+}
+
+/// Writes word `j = f(j)` over `out` (native order: the crate only builds little-endian): in place when `out` is aligned for `W`
+/// (buffers from the allocator and chunk-sized slices of them), word by word otherwise.
+fn fill<W: bytemuck::Pod>(out: &mut [u8], f: impl Fn(usize) -> W) {
+    match bytemuck::try_cast_slice_mut::<u8, W>(out) {
+        Ok(words) => words.iter_mut().enumerate().for_each(|(j, w)| *w = f(j)),
+        Err(_) => out
+            .chunks_exact_mut(std::mem::size_of::<W>())
+            .enumerate()
+            .for_each(|(j, c)| c.copy_from_slice(bytemuck::bytes_of(&f(j)))),
     }
 }
 

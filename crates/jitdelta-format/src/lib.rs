@@ -30,6 +30,10 @@
 //! The byte layout is specified in `docs/format.md` of the repository.
 #![deny(missing_docs)]
 
+// The hot loops store words in native byte order, which is the format's order only here.
+#[cfg(not(target_endian = "little"))]
+compile_error!("jitdelta-format supports little-endian targets only");
+
 pub mod affine;
 pub mod bitpack;
 pub mod bitplane;

@@ -8,7 +8,9 @@
 
 use crate::bitpack::{pack, packed_len, unpack};
 use crate::float::{DraftDtype, FloatFormat};
-use crate::lanes::{draft, histogram, join, join_bf16_nibbles, split, with_layout};
+use crate::lanes::{
+    draft, draft_bf16_nibbles, histogram, join, join_bf16_nibbles, split, with_layout,
+};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -299,8 +301,12 @@ impl ResidentTensor {
         let f = self.format;
         check_len(out, n * dtype.bytes())?;
         let d = self.draft_bits;
-        let mut h = vec![0u32; n];
         let e = self.chunk_exponents(c, codes, n);
+        if f == FloatFormat::BF16 && d == 3 {
+            draft_bf16_nibbles(&e, high, dtype, out);
+            return Ok(());
+        }
+        let mut h = vec![0u32; n];
         unpack(high, 1 + d, 0, &mut h);
         with_layout!(f, draft(&e, &h, d, dtype, out));
         Ok(())

@@ -1,0 +1,297 @@
+//! The decoder-only transformer shared by the Llama and Qwen2 loaders: pre-norm blocks of
+//! grouped-query self-attention with rotary embeddings and a SwiGLU MLP, RMSNorm everywhere.
+
+use super::rope::{Rope, Scaling};
+use super::{ForwardOutput, Logits, ModelInfo};
+use crate::{Error, KvCache, LayerSource, LinearLayer, Result};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// The shape of a decoder, validated, as the model loaders derive it from their configs.
+#[derive(Clone, Debug)]
+pub(crate) struct DecoderConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Scaling,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// A bias on the output projection.
+    pub o_bias: bool,
+    /// Biases on the MLP projections.
+    pub mlp_bias: bool,
+}
+
+impl DecoderConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::config(super::config::CONFIG, m));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
+            return bad("num_attention_heads, num_key_value_heads and head_dim must be > 0".into());
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!(
+                "head_dim {} is odd (rotary embeddings need pairs)",
+                self.head_dim
+            ));
+        }
+        if self.hidden_size == 0 || self.vocab_size == 0 || self.num_layers == 0 {
+            return bad("hidden_size, vocab_size and num_hidden_layers must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Arc<dyn LinearLayer>,
+    k: Arc<dyn LinearLayer>,
+    v: Arc<dyn LinearLayer>,
+    o: Arc<dyn LinearLayer>,
+    gate: Arc<dyn LinearLayer>,
+    up: Arc<dyn LinearLayer>,
+    down: Arc<dyn LinearLayer>,
+}
+
+/// A loaded decoder.
+pub(crate) struct Decoder {
+    cfg: DecoderConfig,
+    info: ModelInfo,
+    device: Device,
+    dtype: DType,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Arc<dyn LinearLayer>,
+    rope: Rope,
+}
+
+fn norm(source: &dyn LayerSource, name: &str, size: usize) -> Result<Tensor> {
+    Ok(source.tensor(name, &[size])?.to_dtype(source.dtype())?)
+}
+
+impl Decoder {
+    /// Builds the decoder from `source` (Hugging Face tensor names).
+    pub(crate) fn load(
+        source: &dyn LayerSource,
+        cfg: DecoderConfig,
+        info: ModelInfo,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let q_size = cfg.num_heads * cfg.head_dim;
+        let kv_size = cfg.num_kv_heads * cfg.head_dim;
+        let embed_name = "model.embed_tokens";
+        let embed = source.tensor(&format!("{embed_name}.weight"), &[cfg.vocab_size, h])?;
+        if !embed.dtype().is_float() {
+            return Err(Error::UnsupportedDtype {
+                name: format!("{embed_name}.weight"),
+                dtype: format!("{:?}", embed.dtype()),
+            });
+        }
+        let blocks = (0..cfg.num_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                let lin =
+                    |name: &str, shape, bias| source.linear(&format!("{p}.{name}"), shape, bias);
+                Ok(Block {
+                    input_norm: norm(source, &format!("{p}.input_layernorm.weight"), h)?,
+                    post_norm: norm(source, &format!("{p}.post_attention_layernorm.weight"), h)?,
+                    q: lin("self_attn.q_proj", (q_size, h), cfg.qkv_bias)?,
+                    k: lin("self_attn.k_proj", (kv_size, h), cfg.qkv_bias)?,
+                    v: lin("self_attn.v_proj", (kv_size, h), cfg.qkv_bias)?,
+                    o: lin("self_attn.o_proj", (h, q_size), cfg.o_bias)?,
+                    gate: lin("mlp.gate_proj", (i, h), cfg.mlp_bias)?,
+                    up: lin("mlp.up_proj", (i, h), cfg.mlp_bias)?,
+                    down: lin("mlp.down_proj", (h, i), cfg.mlp_bias)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = norm(source, "model.norm.weight", h)?;
+        let head_name = if cfg.tie_word_embeddings {
+            embed_name
+        } else {
+            "lm_head"
+        };
+        let lm_head = source.linear(head_name, (cfg.vocab_size, h), false)?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling);
+        Ok(Self {
+            cfg,
+            info,
+            device: source.device().clone(),
+            dtype: source.dtype(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub(crate) fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the model; see [`super::CausalLm::forward`]. With `hidden`, collects each layer's
+    /// output.
+    pub(crate) fn forward(
+        &self,
+        tokens: &Tensor,
+        offset: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        collect_hidden: bool,
+    ) -> Result<ForwardOutput> {
+        let (_, seq) = tokens.dims2()?;
+        if seq == 0 {
+            return Err(Error::InvalidInput("no tokens to run".into()));
+        }
+        if offset != cache.len() || cache.num_layers() != self.blocks.len() {
+            return Err(Error::InvalidInput(format!(
+                "position offset {offset} with a KV cache of {} positions and {} layers \
+                 (the model has {} layers)",
+                cache.len(),
+                cache.num_layers(),
+                self.blocks.len()
+            )));
+        }
+        let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(Error::InvalidInput(format!(
+                "token id {max} is outside the vocabulary ({} tokens)",
+                self.cfg.vocab_size
+            )));
+        }
+        match self.run(tokens, offset, cache, logits, collect_hidden) {
+            Ok(out) => {
+                cache.advance(seq);
+                Ok(out)
+            }
+            Err(e) => {
+                // Drop whatever the failed pass appended to some layers.
+                cache.truncate(offset)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn run(
+        &self,
+        tokens: &Tensor,
+        offset: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        collect_hidden: bool,
+    ) -> Result<ForwardOutput> {
+        let (b, seq) = tokens.dims2()?;
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, seq, self.cfg.hidden_size))?
+            .to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope.cos_sin(offset, seq, &self.device)?;
+        let mask = self.mask(seq, offset)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut hidden = Vec::new();
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.input_norm, eps)?;
+            let attn = self.attention(block, &h, l, cache, &cos, &sin, mask.as_ref())?;
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
+            let gate = candle_nn::ops::silu(&block.gate.forward(&h)?)?;
+            let mlp = block.down.forward(&(gate * block.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+            if collect_hidden {
+                hidden.push(x.clone());
+            }
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let logits = match logits {
+            Logits::All => self.lm_head.forward(&x)?,
+            Logits::Last => self
+                .lm_head
+                .forward(&x.narrow(1, seq - 1, 1)?)?
+                .squeeze(1)?,
+        };
+        Ok(ForwardOutput {
+            logits: logits.to_dtype(DType::F32)?,
+            hidden,
+        })
+    }
+
+    /// The additive causal mask for `seq` queries at `offset`, rows repeated for each query
+    /// head of a group: `(groups * seq, offset + seq)`; none for a single query.
+    fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
+        if seq == 1 {
+            return Ok(None);
+        }
+        let groups = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let total = offset + seq;
+        let mask: Vec<f32> = (0..groups * seq)
+            .flat_map(|r| {
+                let pos = offset + r % seq;
+                (0..total).map(move |j| if j <= pos { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(mask, (groups * seq, total), &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let (heads, kv_heads, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, seq, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(block.q.forward(x)?, heads)?;
+        let k = split(block.k.forward(x)?, kv_heads)?;
+        let v = split(block.v.forward(x)?, kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        // Grouped-query attention without copying keys: the query heads of a group share
+        // one key/value head, so fold them into the query length.
+        let groups = heads / kv_heads;
+        let q = q.reshape((b, kv_heads, groups * seq, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs
+            .matmul(&v)?
+            .reshape((b, heads, seq, d))?
+            .transpose(1, 2)?
+            .reshape((b, seq, heads * d))?;
+        Ok(block.o.forward(&y)?)
+    }
+}
