@@ -1,5 +1,7 @@
 //! The `jitdelta` command line.
 
+mod generate;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use jitdelta_format::{
     compress_model, decompress_model, file_stats, verify_model, BaseKind, EncodeOptions, JdFile,
@@ -30,6 +32,14 @@ enum Base {
     Bitplane,
     /// Affine int4 base with per-code residual.
     Affine,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GenerateMode {
+    /// Bit-identical weights.
+    Exact,
+    /// Base (draft) weights only.
+    Draft,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +77,37 @@ enum Command {
         input: PathBuf,
         /// The original .safetensors file or folder.
         original: PathBuf,
+    },
+    /// Generate text from a model folder holding a .jd file (or the original safetensors),
+    /// config.json and tokenizer.json; tokens stream to stdout.
+    Generate {
+        /// Model folder, or a .jd file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt (a user message when the model has a chat template).
+        #[arg(long)]
+        prompt: String,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// exact: bit-identical weights; draft: the base alone.
+        #[arg(long, value_enum, default_value = "exact")]
+        mode: GenerateMode,
+        /// Pick the most likely token (the default unless --temperature is given).
+        #[arg(long, conflicts_with_all = ["temperature", "top_p", "seed"])]
+        greedy: bool,
+        /// Sample at this temperature.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0, requires = "temperature")]
+        top_p: f64,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0, requires = "temperature")]
+        seed: u64,
+        /// Print the text, token ids, tokens/s and resident weight bytes as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print per-tensor sizes and bits per weight.
     Inspect {
@@ -170,6 +211,36 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
                 eprintln!("jitdelta: error: {} mismatches", r.mismatches.len());
                 Ok(ExitCode::from(1))
             }
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            mode,
+            greedy: _,
+            temperature,
+            top_p,
+            seed,
+            json,
+        } => {
+            let sampling = match temperature {
+                None => generate::Sampling::Greedy,
+                Some(t) if t > 0.0 && top_p > 0.0 && top_p <= 1.0 => generate::Sampling::TopP {
+                    temperature: t,
+                    top_p,
+                    seed,
+                },
+                Some(_) => return Err("--temperature must be > 0 and --top-p in (0, 1]".into()),
+            };
+            generate::run(generate::GenerateArgs {
+                model,
+                prompt,
+                max_tokens,
+                draft: matches!(mode, GenerateMode::Draft),
+                sampling,
+                json,
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect {
             input,

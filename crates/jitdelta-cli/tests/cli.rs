@@ -698,3 +698,107 @@ fn usage_errors_are_one_line() {
         assert_clean_error(&jitdelta(&args));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// generate
+
+/// `--json` output of `jitdelta generate`.
+fn generate_json(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        "What is the capital of France?".into(),
+        "--max-tokens".into(),
+        "6".into(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = jitdelta(&args);
+    assert_ok(&out);
+    serde_json::from_slice(&out.stdout).expect("generate --json prints one JSON object")
+}
+
+#[test]
+fn generate_exact_from_jd_matches_dense_and_reports_bytes() {
+    let Some(src) = model("smollm2-bf16") else {
+        return;
+    };
+    let dir = scratch();
+    // A folder holding only the .jd file: config and tokenizer come from inside it.
+    let jd = dir.path().join("smollm2.jd");
+    assert_ok(&jitdelta([
+        "compress".as_ref(),
+        src.as_os_str(),
+        jd.as_os_str(),
+        "--quiet".as_ref(),
+    ]));
+    let dense = generate_json(&src, &[]);
+    let exact = generate_json(dir.path(), &[]);
+    assert_eq!(dense["source"], "dense");
+    assert_eq!(exact["source"], "jitdelta");
+    assert_eq!(
+        exact["token_ids"], dense["token_ids"],
+        "greedy exact == dense"
+    );
+    assert!(exact["text"].as_str().unwrap().contains("Paris"), "{exact}");
+    let (jit_bytes, dense_bytes) = (
+        exact["resident_weight_bytes"].as_u64().unwrap(),
+        dense["resident_weight_bytes"].as_u64().unwrap(),
+    );
+    assert!(jit_bytes < dense_bytes, "{jit_bytes} vs {dense_bytes}");
+    let draft = generate_json(&jd, &["--mode", "draft"]);
+    assert_eq!(draft["mode"], "draft");
+    let a = generate_json(
+        &jd,
+        &["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"],
+    );
+    let b = generate_json(
+        &jd,
+        &["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"],
+    );
+    assert_eq!(a["token_ids"], b["token_ids"], "same seed, same sample");
+}
+
+#[test]
+fn generate_bad_inputs() {
+    let Some(src) = model("smollm2-bf16") else {
+        return;
+    };
+    let dir = scratch();
+    let prompt = ["--prompt", "hi", "--max-tokens", "2"];
+    // Draft needs a .jd file.
+    let out = jitdelta(
+        [
+            "generate",
+            "--model",
+            src.to_str().unwrap(),
+            "--mode",
+            "draft",
+        ]
+        .iter()
+        .chain(&prompt),
+    );
+    assert_clean_error(&out);
+    // A folder with weights but no config.json.
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let out = jitdelta(
+        ["generate", "--model", dir.path().to_str().unwrap()]
+            .iter()
+            .chain(&prompt),
+    );
+    assert_clean_error(&out);
+    // An empty folder.
+    let empty = scratch();
+    let out = jitdelta(
+        ["generate", "--model", empty.path().to_str().unwrap()]
+            .iter()
+            .chain(&prompt),
+    );
+    assert_clean_error(&out);
+}

@@ -1,0 +1,214 @@
+//! `jitdelta generate`: text generation from a model folder holding a `.jd` file or the original
+//! safetensors, streaming tokens to stdout.
+
+use candle_core::{Device, Tensor};
+use jitdelta_nn::chat::{eos_token_ids, ChatTemplate, Message, ModelFiles, Tokenizer};
+use jitdelta_nn::models::load_causal_lm;
+use jitdelta_nn::CausalLm;
+use jitdelta_nn::{DenseSource, JitOptions, JitSource, LayerSource, Logits, Mode};
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// How the next token is picked.
+pub enum Sampling {
+    /// Argmax.
+    Greedy,
+    /// Softmax at `temperature`, restricted to the smallest set of tokens whose probability
+    /// reaches `top_p`.
+    TopP {
+        /// Softmax temperature (> 0).
+        temperature: f64,
+        /// Nucleus mass in (0, 1].
+        top_p: f64,
+        /// RNG seed.
+        seed: u64,
+    },
+}
+
+/// What the user asked for.
+pub struct GenerateArgs {
+    /// A model folder (with a `.jd` file or the original safetensors) or a `.jd` file.
+    pub model: PathBuf,
+    /// The user message (rendered with the model's chat template when it has one).
+    pub prompt: String,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Run the draft (base only) instead of the exact model.
+    pub draft: bool,
+    /// How tokens are picked.
+    pub sampling: Sampling,
+    /// Print one JSON object at the end instead of streaming text.
+    pub json: bool,
+}
+
+/// The `.jd` file a model argument names: the path itself, or the single `.jd` in a folder.
+fn find_jd(model: &Path) -> Result<Option<PathBuf>, String> {
+    if model.is_file() {
+        return Ok((model.extension().is_some_and(|e| e == "jd")).then(|| model.to_path_buf()));
+    }
+    let entries = std::fs::read_dir(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jd"))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(format!(
+            "{} holds several .jd files; name one of them",
+            model.display()
+        )),
+    }
+}
+
+/// Loads the model and generates.
+pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let device = Device::Cpu;
+    let jd_path = find_jd(&args.model)?;
+    let folder = if args.model.is_file() {
+        args.model.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        args.model.clone()
+    };
+    let (source, jit): (Box<dyn LayerSource>, bool) = match &jd_path {
+        Some(path) => {
+            let source = JitSource::open(path, &device, JitOptions::default())?;
+            if args.draft {
+                source.set_mode(Mode::Draft);
+            }
+            (Box::new(source), true)
+        }
+        None if args.draft => {
+            return Err("--mode draft needs a .jd file (the draft is its base)".into());
+        }
+        None => (Box::new(DenseSource::open(&folder, &device)?), false),
+    };
+    // Tokenizer files: beside the weights when present, else inside the .jd file.
+    let files = match &jd_path {
+        Some(path) if !folder.join("tokenizer.json").is_file() => {
+            ModelFiles::Jd(jitdelta_format::JdFile::open(path)?)
+        }
+        _ => ModelFiles::Dir(folder.clone()),
+    };
+    let tokenizer = Tokenizer::load(&files)?;
+    let template = ChatTemplate::load(&files)?;
+    let prompt = if template.is_plain() {
+        args.prompt.clone()
+    } else {
+        template.apply(&[Message::user(args.prompt.as_str())], true)?
+    };
+    let mut stop = eos_token_ids(&files, &tokenizer)?;
+    let model = load_causal_lm(source.as_ref())?;
+    stop.extend(model.info().eos_token_ids.iter().copied());
+    let prompt_ids = tokenizer.encode(&prompt, template.is_plain())?;
+    if prompt_ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+
+    let mut stream = tokenizer.stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let start = std::time::Instant::now();
+    let ids = decode_loop(model.as_ref(), &prompt_ids, &args, &stop, |id| {
+        if !args.json {
+            if let Some(text) = stream.next_token(id)? {
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+        }
+        Ok(())
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    if args.json {
+        let text = tokenizer.decode(&ids, true)?;
+        let report = serde_json::json!({
+            "text": text,
+            "token_ids": ids,
+            "prompt_tokens": prompt_ids.len(),
+            "tokens_per_second": ids.len() as f64 / secs,
+            "mode": if args.draft { "draft" } else { "exact" },
+            "source": if jit { "jitdelta" } else { "dense" },
+            "resident_weight_bytes": source.weight_bytes(),
+        });
+        println!("{report}");
+    } else {
+        if let Some(rest) = stream.finish()? {
+            stdout.write_all(rest.as_bytes())?;
+        }
+        writeln!(stdout)?;
+        eprintln!(
+            "{} tokens in {secs:.2} s ({:.2} tokens/s), {} weight bytes resident",
+            ids.len(),
+            ids.len() as f64 / secs,
+            source.weight_bytes()
+        );
+    }
+    Ok(())
+}
+
+/// Prefill, then one token at a time until `max_tokens` or a stop token; returns the new ids.
+fn decode_loop(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    args: &GenerateArgs,
+    stop: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+    let mut rng = match args.sampling {
+        Sampling::TopP { seed, .. } => rand::rngs::StdRng::seed_from_u64(seed),
+        Sampling::Greedy => rand::rngs::StdRng::seed_from_u64(0),
+    };
+    let mut cache = model.new_cache();
+    let mut input = prompt.to_vec();
+    let mut out = Vec::new();
+    while out.len() < args.max_tokens {
+        let logits = model.forward_ids(&input, cache.len(), &mut cache, Logits::Last)?;
+        let next = pick(&logits.squeeze(0)?, &args.sampling, &mut rng)?;
+        out.push(next);
+        on_token(next)?;
+        if stop.contains(&next) {
+            break;
+        }
+        input = vec![next];
+    }
+    Ok(out)
+}
+
+/// Picks the next token from one row of logits.
+fn pick(logits: &Tensor, sampling: &Sampling, rng: &mut impl Rng) -> candle_core::Result<u32> {
+    let Sampling::TopP {
+        temperature, top_p, ..
+    } = *sampling
+    else {
+        return logits.argmax(0)?.to_scalar::<u32>();
+    };
+    let logits: Vec<f32> = logits.to_vec1()?;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / temperature).exp()))
+        .collect();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= top_p {
+            cut = i + 1;
+            break;
+        }
+    }
+    let nucleus = &probs[..cut];
+    let mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut u = rng.random::<f64>() * mass;
+    for &(id, p) in nucleus {
+        if u < p {
+            return Ok(id);
+        }
+        u -= p;
+    }
+    Ok(nucleus[nucleus.len() - 1].0)
+}
