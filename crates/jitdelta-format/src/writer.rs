@@ -367,6 +367,23 @@ impl JdWriter {
     }
 }
 
+/// Whether most 32-value runs of the sample hold at most 16 distinct values, as weights on a
+/// 4-bit grid do; trained weights hold ~32. Rules the affine estimate out cheaply.
+fn looks_quantized(format: FloatFormat, cols: usize, sample: &[&[u8]]) -> bool {
+    let run = 32.min(cols.max(1));
+    let (mut runs, mut gridded) = (0usize, 0usize);
+    for c in sample {
+        for values in c.chunks_exact(run * format.bytes()).step_by(7).take(64) {
+            let mut v: Vec<&[u8]> = values.chunks_exact(format.bytes()).collect();
+            v.sort_unstable();
+            v.dedup();
+            runs += 1;
+            gridded += usize::from(v.len() <= 16);
+        }
+    }
+    2 * gridded > runs
+}
+
 /// Estimates both kinds on up to four chunks spread over the tensor and keeps the smaller.
 fn pick_kind(format: FloatFormat, cols: usize, chunks: &[&[u8]], opts: &EncodeOptions) -> BaseKind {
     if chunks.is_empty() {
@@ -381,6 +398,9 @@ fn pick_kind(format: FloatFormat, cols: usize, chunks: &[&[u8]], opts: &EncodeOp
         .step_by(step)
         .map(|c| &c[..c.len().min(16 * row_bytes)])
         .collect();
+    if !looks_quantized(format, cols, &sample) {
+        return BaseKind::Bitplane;
+    }
     let n: usize = sample.iter().map(|c| c.len() / format.bytes()).sum();
     let mut exps = [0u64; 256];
     for c in &sample {
