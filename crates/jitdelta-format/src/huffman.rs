@@ -312,28 +312,7 @@ pub fn encode(
 
 /// Splits a stream into its blocks, checking the offset table.
 pub fn blocks(stream: &[u8], n: usize, block_len: usize) -> Result<Vec<&[u8]>> {
-    let count = n.div_ceil(block_len);
-    let table_len = count
-        .checked_mul(4)
-        .filter(|&l| l <= stream.len())
-        .ok_or_else(|| Error::corrupt("Huffman stream shorter than its block table"))?;
-    let (table, data) = stream.split_at(table_len);
-    let mut out = Vec::with_capacity(count);
-    let mut start = 0usize;
-    for b in 0..count {
-        let end = u32::from_le_bytes(table[4 * b..4 * b + 4].try_into().unwrap()) as usize;
-        if end < start + 4 * (STREAMS - 1) || end > data.len() {
-            return Err(Error::corrupt(format!(
-                "Huffman block {b} has a bad end offset {end}"
-            )));
-        }
-        out.push(&data[start..end]);
-        start = end;
-    }
-    if start != data.len() {
-        return Err(Error::corrupt("Huffman stream has trailing bytes"));
-    }
-    Ok(out)
+    crate::section::split_blocks(stream, n.div_ceil(block_len), 4 * (STREAMS - 1), "Huffman")
 }
 
 /// One bit stream being decoded into its quarter of the output.

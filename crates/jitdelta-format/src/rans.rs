@@ -227,28 +227,7 @@ pub fn encode(
 
 /// Splits an encoded stream into its blocks, checking the offset table.
 pub fn blocks(stream: &[u8], n: usize, block_len: usize) -> Result<Vec<&[u8]>> {
-    let count = block_count(n, block_len);
-    let table_len = count
-        .checked_mul(4)
-        .filter(|&l| l <= stream.len())
-        .ok_or_else(|| Error::corrupt("rANS stream shorter than its block table"))?;
-    let (table, data) = stream.split_at(table_len);
-    let mut out = Vec::with_capacity(count);
-    let mut start = 0usize;
-    for b in 0..count {
-        let end = u32::from_le_bytes(table[4 * b..4 * b + 4].try_into().unwrap()) as usize;
-        if end < start + BLOCK_HEADER || end > data.len() || (end - start) % 2 != 0 {
-            return Err(Error::corrupt(format!(
-                "rANS block {b} has a bad end offset {end}"
-            )));
-        }
-        out.push(&data[start..end]);
-        start = end;
-    }
-    if start != data.len() {
-        return Err(Error::corrupt("rANS stream has trailing bytes"));
-    }
-    Ok(out)
+    crate::section::split_blocks(stream, block_count(n, block_len), BLOCK_HEADER, "rANS")
 }
 
 /// Decodes one block of `out.len()` symbols. `context[i]` (same length as `out`) picks the table.

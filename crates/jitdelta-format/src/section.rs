@@ -39,3 +39,35 @@ pub fn finish(blob: &[u8], what: &str) -> Result<()> {
         )))
     }
 }
+
+/// Splits a blocked stream into `count` blocks of at least `min_len` bytes each. Layout: a `u32`
+/// end offset per block (relative to the end of this table, non-decreasing, the last one the end
+/// of the stream), then the blocks back to back.
+pub fn split_blocks<'a>(
+    stream: &'a [u8],
+    count: usize,
+    min_len: usize,
+    what: &str,
+) -> Result<Vec<&'a [u8]>> {
+    let table_len = count
+        .checked_mul(4)
+        .filter(|&l| l <= stream.len())
+        .ok_or_else(|| Error::corrupt(format!("{what} stream shorter than its block table")))?;
+    let (table, data) = stream.split_at(table_len);
+    let mut out = Vec::with_capacity(count);
+    let mut start = 0usize;
+    for (b, end) in table.chunks_exact(4).enumerate() {
+        let end = u32::from_le_bytes(end.try_into().unwrap()) as usize;
+        if end < start + min_len || end > data.len() {
+            return Err(Error::corrupt(format!(
+                "{what} block {b} has a bad end offset {end}"
+            )));
+        }
+        out.push(&data[start..end]);
+        start = end;
+    }
+    if start != data.len() {
+        return Err(Error::corrupt(format!("{what} stream has trailing bytes")));
+    }
+    Ok(out)
+}
