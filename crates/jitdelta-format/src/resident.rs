@@ -237,6 +237,12 @@ impl ResidentTensor {
         (&self.escape_start, &self.escape_pos, &self.escape_exponent)
     }
 
+    /// Bytes from one chunk's segment of a `width`-bit plane to the next chunk's (16-byte
+    /// aligned; the last chunk's segment may be shorter).
+    pub fn segment_stride(&self, width: u32) -> usize {
+        segment_len(self.chunk_rows * self.cols, width)
+    }
+
     /// Values in chunk `c`.
     pub fn chunk_len(&self, c: usize) -> usize {
         let first = c * self.chunk_rows;

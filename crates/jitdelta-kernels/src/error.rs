@@ -1,0 +1,30 @@
+use thiserror::Error;
+
+/// Errors of the kernels crate.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The tensor's layout has no kernel (e.g. not BF16 with three nibble planes).
+    #[error("unsupported tensor for the GPU kernels: {0}")]
+    Unsupported(String),
+    /// A buffer or argument does not match the tensor.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// Decoding on the CPU failed.
+    #[error(transparent)]
+    Format(#[from] jitdelta_format::Error),
+    /// A CUDA driver call failed.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// NVRTC could not compile the kernels.
+    #[cfg(feature = "cuda")]
+    #[error("NVRTC: {0}")]
+    Compile(#[from] cudarc::nvrtc::CompileError),
+    /// A cuBLAS call failed.
+    #[cfg(feature = "cuda")]
+    #[error("cuBLAS: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

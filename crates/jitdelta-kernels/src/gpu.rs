@@ -1,0 +1,339 @@
+//! The CUDA side: kernels compiled at run time with NVRTC, tensors held on the device.
+
+use crate::device_layout::DeviceLayout;
+use crate::reference::{check_gemv_supported, ChunkSelection};
+use crate::{Error, Result};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use half::bf16;
+use jitdelta_format::ResidentTensor;
+use std::sync::Arc;
+
+const SOURCE: &str = include_str!("kernels.cu");
+/// Largest activation batch the fused GEMV takes (one mma.m16n8k16 column block).
+pub const MAX_GEMV_BATCH: usize = 8;
+const GEMV_TILE_ROWS: usize = 16;
+const GEMV_WARPS: u32 = 8;
+const DECODE_THREADS: u32 = 256;
+
+/// The compiled kernels, bound to one stream.
+#[derive(Debug)]
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    decode: CudaFunction,
+    patch: CudaFunction,
+    gemv: CudaFunction,
+    gemv_threads: u32,
+}
+
+impl Kernels {
+    /// Compiles the kernels for the stream's device (compute capability 8.0 or newer).
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        Self::with_defines(stream, &[])
+    }
+
+    /// Like [`Kernels::new`] with extra `-D` macro definitions (tuning knobs such as
+    /// `GEMV_MIN_BLOCKS=2`; see the top of `kernels.cu`).
+    pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let (major, minor) = ctx.compute_capability()?;
+        if major < 8 {
+            return Err(Error::Unsupported(format!(
+                "compute capability {major}.{minor} (the kernels use bf16 mma.sync, 8.0+)"
+            )));
+        }
+        let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+        options.extend(defines.iter().map(|d| format!("-D{d}")));
+        let ptx = compile_ptx_with_opts(
+            SOURCE,
+            CompileOptions {
+                options,
+                ..Default::default()
+            },
+        )?;
+        let module = ctx.load_module(ptx)?;
+        // The block size must match the kernel's GEMV_WARPS.
+        let warps = defines
+            .iter()
+            .find_map(|d| d.strip_prefix("GEMV_WARPS="))
+            .map(|w| w.parse::<u32>())
+            .transpose()
+            .map_err(|e| Error::Shape(format!("GEMV_WARPS: {e}")))?
+            .unwrap_or(GEMV_WARPS);
+        Ok(Self {
+            gemv_threads: warps * 32,
+            decode: module.load_function("jd_decode_bf16")?,
+            patch: module.load_function("jd_patch_escapes")?,
+            gemv: module.load_function("jd_gemv_bf16")?,
+            stream,
+        })
+    }
+
+    /// The stream every kernel runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Re-packs a resident tensor into the device layout and copies it to the device.
+    pub fn upload(&self, t: &ResidentTensor) -> Result<GpuResident> {
+        self.upload_layout(&DeviceLayout::from_resident(t)?)
+    }
+
+    /// Copies a tensor already in the device layout.
+    pub fn upload_layout(&self, d: &DeviceLayout) -> Result<GpuResident> {
+        let (rows, cols, chunk_rows) = d.dims;
+        let s = &self.stream;
+        // Empty lists still get one (never read) element: a null device pointer is not a slice.
+        let some_u8 = |v: &[u8]| if v.is_empty() { vec![0] } else { v.to_vec() };
+        Ok(GpuResident {
+            rows: to_u32(rows, "rows")?,
+            cols: to_u32(cols, "cols")?,
+            chunk_rows: to_u32(chunk_rows, "chunk rows")?,
+            chunks: d.bases.len(),
+            segment: d.segment as u64,
+            p: s.clone_htod(&some_u8(&d.p))?,
+            s: s.clone_htod(&some_u8(&d.s))?,
+            l: s.clone_htod(&some_u8(&d.l))?,
+            bases: s.clone_htod(&some_u8(&d.bases))?,
+            esc_start: s.clone_htod(&d.escape_start)?,
+            esc_pos: s.clone_htod(if d.escape_pos.is_empty() {
+                &[0u32][..]
+            } else {
+                &d.escape_pos[..]
+            })?,
+            esc_exp: s.clone_htod(&some_u8(&d.escape_exponent))?,
+            escapes: d.escape_pos.len(),
+        })
+    }
+
+    /// Puts a chunk selection on the device (routing flags are copied once per call).
+    pub fn selection(&self, t: &GpuResident, sel: &ChunkSelection) -> Result<GpuSelection> {
+        Ok(match sel {
+            ChunkSelection::Exact => GpuSelection::Exact,
+            ChunkSelection::Draft => GpuSelection::Draft,
+            ChunkSelection::Routed(flags) => {
+                if flags.len() != t.chunks {
+                    return Err(Error::Shape(format!(
+                        "{} routing flags for a tensor of {} chunks",
+                        flags.len(),
+                        t.chunks
+                    )));
+                }
+                let bytes: Vec<u8> = flags.iter().map(|&f| f as u8).collect();
+                GpuSelection::Routed(self.stream.clone_htod(&bytes)?)
+            }
+        })
+    }
+
+    /// Decodes the whole tensor to BF16 (`rows * cols` values), bit-exact where exact.
+    pub fn decode(
+        &self,
+        t: &GpuResident,
+        sel: &GpuSelection,
+        out: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        let n = t.rows as usize * t.cols as usize;
+        if out.len() != n {
+            return Err(Error::Shape(format!(
+                "decode output of {} values for {} weights",
+                out.len(),
+                n
+            )));
+        }
+        let per_chunk = (t.chunk_rows as usize * t.cols as usize).div_ceil(8);
+        let units = per_chunk * t.chunks;
+        if units == 0 {
+            return Ok(());
+        }
+        let blocks = units.div_ceil(DECODE_THREADS as usize);
+        let (grid_x, grid_y) = (blocks.min(65_535), blocks.div_ceil(65_535));
+        let (mode, routed) = sel.mode(t);
+        let mut launch = self.stream.launch_builder(&self.decode);
+        launch
+            .arg(&t.p)
+            .arg(&t.s)
+            .arg(&t.l)
+            .arg(&t.bases)
+            .arg(routed)
+            .arg(&mode)
+            .arg(&t.rows)
+            .arg(&t.cols)
+            .arg(&t.chunk_rows)
+            .arg(&t.segment)
+            .arg(&mut *out);
+        // SAFETY: the argument list matches `jd_decode_bf16`; every buffer was sized above
+        // or at upload, and the kernel reads only within the chunk segments it is given.
+        unsafe { launch.launch(grid((grid_x as u32, grid_y as u32), DECODE_THREADS)) }?;
+        if t.escapes == 0 {
+            return Ok(());
+        }
+        let (escapes, chunks) = (t.escapes as u32, t.chunks as u32);
+        let mut launch = self.stream.launch_builder(&self.patch);
+        launch
+            .arg(&t.p)
+            .arg(&t.s)
+            .arg(&t.l)
+            .arg(&t.esc_start)
+            .arg(&t.esc_pos)
+            .arg(&t.esc_exp)
+            .arg(&escapes)
+            .arg(&chunks)
+            .arg(routed)
+            .arg(&mode)
+            .arg(&t.cols)
+            .arg(&t.chunk_rows)
+            .arg(&t.segment)
+            .arg(out);
+        // SAFETY: matches `jd_patch_escapes`; escape positions were validated by the format
+        // reader and lie inside the `rows * cols` output checked above. Same stream, so it
+        // runs after the decode.
+        unsafe { launch.launch(grid((escapes.div_ceil(DECODE_THREADS), 1), DECODE_THREADS)) }?;
+        Ok(())
+    }
+
+    /// `y[b][r] = sum_k W[r][k] x[b][k]` for `batch` (1..=8) rows of `x` (`batch x cols`,
+    /// row-major), decoding the weights in registers; `y` is `batch x rows`.
+    pub fn gemv(
+        &self,
+        t: &GpuResident,
+        sel: &GpuSelection,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        if t.cols % 32 != 0 {
+            return Err(Error::Unsupported(format!(
+                "{} columns (the fused GEMV needs a multiple of 32)",
+                t.cols
+            )));
+        }
+        if !(1..=MAX_GEMV_BATCH).contains(&batch) {
+            return Err(Error::Shape(format!(
+                "batch {batch} (the fused GEMV takes 1..={MAX_GEMV_BATCH})"
+            )));
+        }
+        let (rows, cols) = (t.rows as usize, t.cols as usize);
+        if x.len() != batch * cols || y.len() != batch * rows {
+            return Err(Error::Shape(format!(
+                "x of {} and y of {} values for batch {batch} of a {rows}x{cols} tensor",
+                x.len(),
+                y.len()
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (mode, routed) = sel.mode(t);
+        let batch = batch as u32;
+        let mut launch = self.stream.launch_builder(&self.gemv);
+        launch
+            .arg(&t.p)
+            .arg(&t.s)
+            .arg(&t.l)
+            .arg(&t.bases)
+            .arg(&t.esc_start)
+            .arg(&t.esc_pos)
+            .arg(&t.esc_exp)
+            .arg(routed)
+            .arg(&mode)
+            .arg(&t.rows)
+            .arg(&t.cols)
+            .arg(&t.chunk_rows)
+            .arg(&t.segment)
+            .arg(x)
+            .arg(&batch)
+            .arg(y);
+        let blocks = rows.div_ceil(GEMV_TILE_ROWS) as u32;
+        // SAFETY: the argument list matches `jd_gemv_bf16`; sizes were checked above, rows are
+        // 16-byte aligned because cols % 32 == 0, and the kernel masks rows past the end.
+        unsafe { launch.launch(grid((blocks, 1), self.gemv_threads)) }?;
+        Ok(())
+    }
+}
+
+fn grid((x, y): (u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn to_u32(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::Unsupported(format!("{what} = {v} exceeds u32")))
+}
+
+/// A tensor in GPU memory in the device layout ([`DeviceLayout`]): planes, bases, escapes.
+#[derive(Debug)]
+pub struct GpuResident {
+    rows: u32,
+    cols: u32,
+    chunk_rows: u32,
+    chunks: usize,
+    segment: u64,
+    p: CudaSlice<u8>,
+    s: CudaSlice<u8>,
+    l: CudaSlice<u8>,
+    bases: CudaSlice<u8>,
+    esc_start: CudaSlice<u32>,
+    esc_pos: CudaSlice<u32>,
+    esc_exp: CudaSlice<u8>,
+    escapes: usize,
+}
+
+impl GpuResident {
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows as usize, self.cols as usize)
+    }
+
+    /// Number of row chunks.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks
+    }
+
+    /// Weights outside their chunk's exponent window.
+    pub fn escape_count(&self) -> usize {
+        self.escapes
+    }
+
+    /// Device bytes this tensor holds (planes, bases, escape lists).
+    pub fn bytes_held(&self) -> usize {
+        self.p.num_bytes()
+            + self.s.num_bytes()
+            + self.l.num_bytes()
+            + self.bases.num_bytes()
+            + self.esc_start.num_bytes()
+            + self.esc_pos.num_bytes()
+            + self.esc_exp.num_bytes()
+    }
+}
+
+/// A [`ChunkSelection`] on the device.
+#[derive(Debug)]
+pub enum GpuSelection {
+    /// Every chunk exact.
+    Exact,
+    /// Every chunk draft.
+    Draft,
+    /// One byte per chunk, non-zero = exact.
+    Routed(CudaSlice<u8>),
+}
+
+impl GpuSelection {
+    /// The kernels' `mode` argument and the flags buffer (a never-read stand-in unless routed).
+    fn mode<'a>(&'a self, t: &'a GpuResident) -> (i32, &'a CudaSlice<u8>) {
+        match self {
+            Self::Exact => (0, &t.bases),
+            Self::Draft => (1, &t.bases),
+            Self::Routed(flags) => (2, flags),
+        }
+    }
+}
+
+/// Checks at upload time what [`Kernels::gemv`] will check per call.
+pub fn gemv_supported(t: &ResidentTensor) -> bool {
+    check_gemv_supported(t).is_ok()
+}

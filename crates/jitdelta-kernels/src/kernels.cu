@@ -1,0 +1,272 @@
+// jitdelta kernels over the device layout (crates/jitdelta-kernels/src/device_layout.rs): BF16
+// weights as three 4-bit planes P (code low bit + 3 mantissa bits), S (sign + code >> 1, two
+// values a byte) and L (4 low mantissa bits), 16-byte aligned segments per chunk of rows.
+// Weights are built *scaled*, with exponent 112 + code; a GEMV rescales each row's sum by
+// 2^(base - 112), a decode adds (base - 112) << 7 back. Escapes (exponent outside the window,
+// and 0 / 255 inside it) hold code 0 and are corrected from a per-chunk CSR list.
+// Compiled at run time with NVRTC.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+
+#define MODE_EXACT 0
+#define MODE_DRAFT 1
+#define MODE_ROUTED 2
+#define SCALED_EXPONENT 112
+
+// 8 values (one 32-bit word of each plane) as 4 words of two scaled BF16: (v0, v1), (v2, v3),
+// (v4, v5), (v6, v7). Byte 0 of a BF16 is P << 4 | L, byte 1 is sign | (112 + code) >> 1.
+__device__ __forceinline__ void decode8(u32 p, u32 s, u32 l, bool exact, u32 out[4]) {
+    const u32 hi_nibbles = 0xF0F0F0F0u, lo_nibbles = 0x0F0F0F0Fu, mid = 0x08080808u;
+    const u32 b0_lo = ((p << 4) & hi_nibbles) | (exact ? (l & lo_nibbles) : mid);
+    const u32 b0_hi = (p & hi_nibbles) | (exact ? ((l >> 4) & lo_nibbles) : mid);
+    const u32 b1_lo = (s & 0x87878787u) | 0x38383838u;
+    const u32 b1_hi = ((s << 1) & 0x80808080u) | ((s >> 3) & 0x07070707u) | 0x38383838u;
+    out[0] = __byte_perm(b0_lo, b1_lo, 0x5140);
+    out[1] = __byte_perm(b0_lo, b1_lo, 0x7362);
+    out[2] = __byte_perm(b0_hi, b1_hi, 0x5140);
+    out[3] = __byte_perm(b0_hi, b1_hi, 0x7362);
+}
+
+// Value i of a chunk whose segments start at `at`: sign, code, top 3 and low 4 mantissa bits.
+struct Fields {
+    u32 sign, code, m3, l4;
+};
+
+__device__ __forceinline__ Fields fields_at(const u8* P, const u8* S, const u8* L, u64 at, u32 i) {
+    const u32 group = i >> 3, v = i & 7u;
+    const u32 q = group * 8 + (v < 4 ? 2 * v : 2 * (v - 4) + 1);
+    const u32 p = (P[at + q / 2] >> ((q & 1u) * 4)) & 15u;
+    const u32 l = (L[at + q / 2] >> ((q & 1u) * 4)) & 15u;
+    const u32 sb = S[at + group * 4 + (v & 3u)];
+    Fields f;
+    f.sign = v < 4 ? sb >> 7 : (sb >> 6) & 1u;
+    f.code = ((v < 4 ? sb : sb >> 3) & 7u) << 1 | p >> 3;
+    f.m3 = p & 7u;
+    f.l4 = l;
+    return f;
+}
+
+// A weight's BF16 bits for an explicit exponent; a draft gets the bucket midpoint except for
+// exponents 0 and 255 (same rule as the CPU decoder).
+__device__ __forceinline__ u32 bf16_bits(Fields f, u32 e, bool exact) {
+    const u32 lo = exact ? f.l4 : ((e != 0u && e != 0xFFu) ? 8u : 0u);
+    return f.sign << 15 | e << 7 | f.m3 << 4 | lo;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u32 b) { return __uint_as_float(b << 16); }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ bool chunk_is_exact(int mode, const u8* routed, u32 chunk) {
+    return mode == MODE_EXACT || (mode == MODE_ROUTED && routed[chunk] != 0);
+}
+
+// Scaled pair of BF16 (one 16-bit lane each) to the true bits: exponent += base - 112.
+__device__ __forceinline__ u32 rebase(u32 v, int delta) {
+    const u32 mag = v & 0x7FFF7FFFu, sign = v & 0x80008000u;
+    const u32 d = (u32)(delta < 0 ? -delta : delta) * 0x00800080u;
+    return (delta < 0 ? mag - d : mag + d) | sign;
+}
+
+// Decode to BF16 in global memory (the prefill path). One thread per 8 values (a 32-bit word
+// of each plane, one 16-byte store), so a warp's loads and stores are contiguous; the grid's
+// x * y covers every chunk's words. Escapes are written afterwards by jd_patch_escapes.
+extern "C" __global__ void __launch_bounds__(256)
+jd_decode_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
+               const u8* __restrict__ bases, const u8* __restrict__ routed, int mode,
+               u32 rows, u32 cols, u32 chunk_rows, u64 segment, u16* __restrict__ out) {
+    const u64 full = (u64)chunk_rows * cols;
+    const u64 words_per_chunk = (full + 7) / 8;
+    const u32 chunks = (rows + chunk_rows - 1) / chunk_rows;
+    const u64 u = (u64)blockIdx.y * gridDim.x * blockDim.x + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= words_per_chunk * chunks) return;
+    const u32 c = (u32)(u / words_per_chunk);
+    const u64 first = (u - (u64)c * words_per_chunk) * 8;
+    const u64 n = (u64)min((u64)chunk_rows, (u64)rows - (u64)c * chunk_rows) * cols;
+    if (first >= n) return;
+    const bool exact = chunk_is_exact(mode, routed, c);
+    const u64 at = (u64)c * segment + first / 2;
+    const u32 p = __ldg(reinterpret_cast<const u32*>(P + at));
+    const u32 s = __ldg(reinterpret_cast<const u32*>(S + at));
+    const u32 l = exact ? __ldg(reinterpret_cast<const u32*>(L + at)) : 0u;
+    const int delta = (int)bases[c] - SCALED_EXPONENT;
+    u32 v[4];
+    decode8(p, s, l, exact, v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = rebase(v[k], delta);
+    u16* dst = out + (u64)c * full + first;
+    if (first + 8 <= n && (((u64)c * full + first) & 7u) == 0) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (first + 2 * q < n) dst[2 * q] = (u16)v[q];
+            if (first + 2 * q + 1 < n) dst[2 * q + 1] = (u16)(v[q] >> 16);
+        }
+    }
+}
+
+// One thread per escape: the true value (exact or draft per chunk) over the decoded placeholder.
+extern "C" __global__ void __launch_bounds__(256)
+jd_patch_escapes(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
+                 const u32* __restrict__ esc_start, const u32* __restrict__ esc_pos,
+                 const u8* __restrict__ esc_exp, u32 escapes, u32 chunks,
+                 const u8* __restrict__ routed, int mode,
+                 u32 cols, u32 chunk_rows, u64 segment, u16* __restrict__ out) {
+    const u32 e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= escapes) return;
+    u32 lo = 0, hi = chunks;  // the chunk c with esc_start[c] <= e < esc_start[c + 1]
+    while (hi - lo > 1) {
+        const u32 mid = (lo + hi) / 2;
+        if (esc_start[mid] <= e) lo = mid; else hi = mid;
+    }
+    const u64 pos = esc_pos[e];
+    const u32 i = (u32)(pos - (u64)lo * chunk_rows * cols);
+    const Fields f = fields_at(P, S, L, (u64)lo * segment, i);
+    out[pos] = (u16)bf16_bits(f, esc_exp[e], chunk_is_exact(mode, routed, lo));
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const u32 b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Tuning knobs: warps per block (-DGEMV_WARPS=n; the host reads it from the same define).
+#ifndef GEMV_WARPS
+#define GEMV_WARPS 8
+#endif
+#define TILE_ROWS 16
+#define MAX_BATCH 8
+// Blocks per SM the register allocation must allow (-DGEMV_MIN_BLOCKS=n).
+#ifndef GEMV_MIN_BLOCKS
+#define GEMV_MIN_BLOCKS 1
+#endif
+
+// One lane's loads for one step: 32 values of rows a and b in each plane, and 32 activations.
+struct StepData {
+    uint4 pa, sa, la, pb, sb, lb, x[4];
+};
+
+__device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8* __restrict__ S,
+                                              const u8* __restrict__ L, u64 row_a, u64 row_b,
+                                              bool va, bool vb, bool ea, bool eb,
+                                              const u16* __restrict__ xrow, bool has_x, u32 cols, u32 col) {
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    const bool in = col < cols;
+    const u64 oa = row_a + col / 2, ob = row_b + col / 2;
+    StepData d;
+    d.pa = (in && va) ? __ldg(reinterpret_cast<const uint4*>(P + oa)) : z;
+    d.sa = (in && va) ? __ldg(reinterpret_cast<const uint4*>(S + oa)) : z;
+    d.la = (in && ea) ? __ldg(reinterpret_cast<const uint4*>(L + oa)) : z;
+    d.pb = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(P + ob)) : z;
+    d.sb = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(S + ob)) : z;
+    d.lb = (in && eb) ? __ldg(reinterpret_cast<const uint4*>(L + ob)) : z;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        d.x[q] = (in && has_x) ? __ldg(reinterpret_cast<const uint4*>(xrow + col) + q) : z;
+    return d;
+}
+
+// Fused decode + GEMV/GEMM for 1..8 activation rows: y[b][r] = sum_k W[r][k] x[b][k].
+// A block owns 16 weight rows; its 8 warps split the columns. Each lane decodes 32 values of
+// two rows (g and g + 8) per step straight into mma.m16n8k16 A fragments (consecutive column
+// pairs, so the activations load as they are), so decoded weights never leave registers and
+// the tensor cores multiply for every batch size up to 8. Requires cols % 32 == 0.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
+jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
+             const u8* __restrict__ bases, const u32* __restrict__ esc_start,
+             const u32* __restrict__ esc_pos, const u8* __restrict__ esc_exp,
+             const u8* __restrict__ routed, int mode,
+             u32 rows, u32 cols, u32 chunk_rows, u64 segment,
+             const u16* __restrict__ x, u32 batch, u16* __restrict__ y) {
+    __shared__ float partial[GEMV_WARPS][TILE_ROWS][MAX_BATCH];
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 g = lane >> 2, tig = lane & 3u;
+    const u32 r0 = blockIdx.x * TILE_ROWS;
+
+    const u32 ra = r0 + g, rb = r0 + g + 8;
+    const bool va = ra < rows, vb = rb < rows;
+    const u32 ca = va ? ra / chunk_rows : 0u, cb = vb ? rb / chunk_rows : 0u;
+    const bool ea = va && chunk_is_exact(mode, routed, ca), eb = vb && chunk_is_exact(mode, routed, cb);
+    const u64 row_a = (u64)ca * segment + (u64)(ra - ca * chunk_rows) * (cols / 2);
+    const u64 row_b = (u64)cb * segment + (u64)(rb - cb * chunk_rows) * (cols / 2);
+    const bool has_x = g < batch;
+    const u16* xrow = x + (u64)(has_x ? g : 0u) * cols;
+
+    // The first step's loads go out before the escape scan so their latency overlaps it.
+    StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * 128 + tig * 32);
+    // Escape corrections: the GEMV uses the scaled placeholder (code 0); add (true - placeholder) x.
+    __shared__ float corr[TILE_ROWS][MAX_BATCH];
+    if (threadIdx.x < TILE_ROWS * MAX_BATCH) corr[threadIdx.x / MAX_BATCH][threadIdx.x % MAX_BATCH] = 0.f;
+    __syncthreads();
+    const u32 last_row = min(r0 + TILE_ROWS, rows) - 1;
+    for (u32 c = r0 / chunk_rows; c <= last_row / chunk_rows; ++c) {
+        const bool exact = chunk_is_exact(mode, routed, c);
+        const u64 first = (u64)c * chunk_rows * cols;
+        const int delta = (int)bases[c] - SCALED_EXPONENT;
+        for (u32 e = esc_start[c] + threadIdx.x; e < esc_start[c + 1]; e += blockDim.x) {
+            const u64 p = esc_pos[e];
+            const u32 r = (u32)(p / cols), k = (u32)(p % cols);
+            if (r < r0 || r > last_row) continue;
+            const Fields f = fields_at(P, S, L, (u64)c * segment, (u32)(p - first));
+            const float wt = bf16_to_f32(bf16_bits(f, esc_exp[e], exact));
+            const float wp = ldexpf(bf16_to_f32(bf16_bits(f, SCALED_EXPONENT, exact)), delta);
+            for (u32 b = 0; b < batch; ++b) {
+                const float xk = bf16_to_f32(x[(u64)b * cols + k]);
+                atomicAdd(&corr[r - r0][b], wt * xk - wp * xk);
+            }
+        }
+    }
+
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const u32 steps = (cols + 127) / 128;
+    // Software pipeline: the next step's planes and activations load while this one decodes.
+    for (u32 s = warp; s < steps; s += GEMV_WARPS) {
+        const StepData nxt = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols,
+                                       (s + GEMV_WARPS) * 128 + tig * 32);
+        const u32 pA[4] = {cur.pa.x, cur.pa.y, cur.pa.z, cur.pa.w}, sA[4] = {cur.sa.x, cur.sa.y, cur.sa.z, cur.sa.w}, lA[4] = {cur.la.x, cur.la.y, cur.la.z, cur.la.w};
+        const u32 pB[4] = {cur.pb.x, cur.pb.y, cur.pb.z, cur.pb.w}, sB[4] = {cur.sb.x, cur.sb.y, cur.sb.z, cur.sb.w}, lB[4] = {cur.lb.x, cur.lb.y, cur.lb.z, cur.lb.w};
+        const u32 xs[16] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y, cur.x[1].z, cur.x[1].w,
+                            cur.x[2].x, cur.x[2].y, cur.x[2].z, cur.x[2].w, cur.x[3].x, cur.x[3].y, cur.x[3].z, cur.x[3].w};
+        // A padded row (beyond `rows`) decodes zero planes to small finite values; its output
+        // is never stored.
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            u32 qa[4], qb[4];
+            decode8(pA[w], sA[w], lA[w], ea, qa);
+            decode8(pB[w], sB[w], lB[w], eb, qb);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 a[4] = {qa[2 * h], qb[2 * h], qa[2 * h + 1], qb[2 * h + 1]};
+                const u32 b[2] = {xs[4 * w + 2 * h], xs[4 * w + 2 * h + 1]};
+                mma_bf16_16816(acc, a, b);
+            }
+        }
+        cur = nxt;
+    }
+    partial[warp][g][2 * tig] = acc[0];
+    partial[warp][g][2 * tig + 1] = acc[1];
+    partial[warp][g + 8][2 * tig] = acc[2];
+    partial[warp][g + 8][2 * tig + 1] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < TILE_ROWS * MAX_BATCH) {
+        const u32 r = threadIdx.x / MAX_BATCH, b = threadIdx.x % MAX_BATCH;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; ++w) sum += partial[w][r][b];
+        const u32 row = r0 + r;
+        if (row < rows && b < batch)
+            y[(u64)b * rows + row] = f32_to_bf16(ldexpf(sum, (int)bases[row / chunk_rows] - SCALED_EXPONENT) + corr[r][b]);
+    }
+}

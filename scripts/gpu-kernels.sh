@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU kernel tests and benchmark (issue 4). Two halves:
+#   scripts/gpu-kernels.sh build   # here (no GPU): build the CUDA test binary + kernel_bench into
+#                                  # gpu-bin/ and compress MiniLM BF16 (real weights) to gpu-bin/
+#   scripts/gpu-kernels.sh run     # on the GPU machine (device tool, carry gpu-bin): tests, then
+#                                  # the benchmark; logs and JSON go to $OUT (or gpu-out/)
+# The build half needs the CUDA toolkit recipe in ../shared/gpu/cuda-build-env.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+build)
+    # shellcheck disable=SC1091
+    source ../shared/gpu/cuda-build-env.sh >/dev/null
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
+    mkdir -p gpu-bin
+    test_bin=$(cargo build --release --features cuda -p jitdelta-kernels --tests --example kernel_bench \
+        --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="gpu" and m.get("executable"): print(m["executable"])')
+    cp "$test_bin" gpu-bin/kernels-gpu-tests
+    cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" gpu-bin/kernel_bench
+    strip gpu-bin/kernels-gpu-tests gpu-bin/kernel_bench
+    [ -f testdata-cache/minilm-bf16/model.safetensors ] || scripts/fetch-test-data.sh
+    cargo run --release -q -p jitdelta-cli -- compress testdata-cache/minilm-bf16/model.safetensors gpu-bin/minilm-bf16.jd
+    ls -l gpu-bin
+    ;;
+run)
+    out="${OUT:-gpu-out}"
+    mkdir -p "$out"
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    JITDELTA_KERNEL_JD=gpu-bin/minilm-bf16.jd ./gpu-bin/kernels-gpu-tests --test-threads 1 2>&1 | tee "$out/tests.log"
+    ./gpu-bin/kernel_bench --jd gpu-bin/minilm-bf16.jd --json "$out/kernel-bench.json" "${@:2}" 2>&1 | tee "$out/kernel-bench.log"
+    ;;
+*)
+    echo "usage: $0 build|run [kernel_bench args]" >&2
+    exit 2
+    ;;
+esac
