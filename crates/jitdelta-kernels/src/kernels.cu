@@ -153,9 +153,21 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const
 #define GEMV_MIN_BLOCKS 1
 #endif
 
-// One lane's loads for one step: 32 values of rows a and b in each plane, and 32 activations.
+// Tuning knobs: 16-byte vectors per plane and row a lane loads per step (-DLANE_VECS=1|2), and
+// whether the next step's loads go out before this step decodes (-DPREFETCH=0|1).
+#ifndef LANE_VECS
+#define LANE_VECS 1
+#endif
+#ifndef PREFETCH
+#define PREFETCH 1
+#endif
+#define STEP_COLS (128 * LANE_VECS)
+
+// One lane's loads for one step: 32 * LANE_VECS values of rows a and b in each plane, and the
+// matching activations.
 struct StepData {
-    uint4 pa, sa, la, pb, sb, lb, x[4];
+    uint4 pa[LANE_VECS], sa[LANE_VECS], la[LANE_VECS], pb[LANE_VECS], sb[LANE_VECS], lb[LANE_VECS];
+    uint4 x[4 * LANE_VECS];
 };
 
 __device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8* __restrict__ S,
@@ -163,19 +175,50 @@ __device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8
                                               bool va, bool vb, bool ea, bool eb,
                                               const u16* __restrict__ xrow, bool has_x, u32 cols, u32 col) {
     const uint4 z = make_uint4(0, 0, 0, 0);
-    const bool in = col < cols;
-    const u64 oa = row_a + col / 2, ob = row_b + col / 2;
     StepData d;
-    d.pa = (in && va) ? __ldg(reinterpret_cast<const uint4*>(P + oa)) : z;
-    d.sa = (in && va) ? __ldg(reinterpret_cast<const uint4*>(S + oa)) : z;
-    d.la = (in && ea) ? __ldg(reinterpret_cast<const uint4*>(L + oa)) : z;
-    d.pb = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(P + ob)) : z;
-    d.sb = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(S + ob)) : z;
-    d.lb = (in && eb) ? __ldg(reinterpret_cast<const uint4*>(L + ob)) : z;
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
-        d.x[q] = (in && has_x) ? __ldg(reinterpret_cast<const uint4*>(xrow + col) + q) : z;
+    for (int j = 0; j < LANE_VECS; ++j) {
+        const u32 c = col + 32 * j;
+        const bool in = c < cols;
+        const u64 oa = row_a + c / 2, ob = row_b + c / 2;
+        d.pa[j] = (in && va) ? __ldg(reinterpret_cast<const uint4*>(P + oa)) : z;
+        d.sa[j] = (in && va) ? __ldg(reinterpret_cast<const uint4*>(S + oa)) : z;
+        d.la[j] = (in && ea) ? __ldg(reinterpret_cast<const uint4*>(L + oa)) : z;
+        d.pb[j] = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(P + ob)) : z;
+        d.sb[j] = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(S + ob)) : z;
+        d.lb[j] = (in && eb) ? __ldg(reinterpret_cast<const uint4*>(L + ob)) : z;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            d.x[4 * j + q] = (in && has_x) ? __ldg(reinterpret_cast<const uint4*>(xrow + c) + q) : z;
+    }
     return d;
+}
+
+// Decodes one step's values of both rows into A fragments and multiplies.
+__device__ __forceinline__ void step_mma(const StepData& d, bool ea, bool eb, float acc[4]) {
+#pragma unroll
+    for (int j = 0; j < LANE_VECS; ++j) {
+        const u32 pA[4] = {d.pa[j].x, d.pa[j].y, d.pa[j].z, d.pa[j].w}, sA[4] = {d.sa[j].x, d.sa[j].y, d.sa[j].z, d.sa[j].w};
+        const u32 lA[4] = {d.la[j].x, d.la[j].y, d.la[j].z, d.la[j].w};
+        const u32 pB[4] = {d.pb[j].x, d.pb[j].y, d.pb[j].z, d.pb[j].w}, sB[4] = {d.sb[j].x, d.sb[j].y, d.sb[j].z, d.sb[j].w};
+        const u32 lB[4] = {d.lb[j].x, d.lb[j].y, d.lb[j].z, d.lb[j].w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            u32 qa[4], qb[4];
+            decode8(pA[w], sA[w], lA[w], ea, qa);
+            decode8(pB[w], sB[w], lB[w], eb, qb);
+            // Word w covers 8 consecutive columns, whose activations are the 16-byte x vector
+            // w of this step (pairs of consecutive columns, as the decoded pairs).
+            const uint4 xv = d.x[4 * j + w];
+            const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 a[4] = {qa[2 * h], qb[2 * h], qa[2 * h + 1], qb[2 * h + 1]};
+                const u32 b[2] = {xs[2 * h], xs[2 * h + 1]};
+                mma_bf16_16816(acc, a, b);
+            }
+        }
+    }
 }
 
 // Fused decode + GEMV/GEMM for 1..8 activation rows: y[b][r] = sum_k W[r][k] x[b][k].
@@ -205,7 +248,9 @@ jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __res
     const u16* xrow = x + (u64)(has_x ? g : 0u) * cols;
 
     // The first step's loads go out before the escape scan so their latency overlaps it.
-    StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * 128 + tig * 32);
+#if PREFETCH
+    StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * STEP_COLS + tig * 32 * LANE_VECS);
+#endif
     // Escape corrections: the GEMV uses the scaled placeholder (code 0); add (true - placeholder) x.
     __shared__ float corr[TILE_ROWS][MAX_BATCH];
     if (threadIdx.x < TILE_ROWS * MAX_BATCH) corr[threadIdx.x / MAX_BATCH][threadIdx.x % MAX_BATCH] = 0.f;
@@ -230,30 +275,19 @@ jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __res
     }
 
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    const u32 steps = (cols + 127) / 128;
-    // Software pipeline: the next step's planes and activations load while this one decodes.
+    const u32 steps = (cols + STEP_COLS - 1) / STEP_COLS;
+    // A padded row (beyond `rows`) decodes zero planes to small finite values; its output is
+    // never stored.
     for (u32 s = warp; s < steps; s += GEMV_WARPS) {
+#if PREFETCH
+        // Software pipeline: the next step's loads go out while this one decodes.
         const StepData nxt = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols,
-                                       (s + GEMV_WARPS) * 128 + tig * 32);
-        const u32 pA[4] = {cur.pa.x, cur.pa.y, cur.pa.z, cur.pa.w}, sA[4] = {cur.sa.x, cur.sa.y, cur.sa.z, cur.sa.w}, lA[4] = {cur.la.x, cur.la.y, cur.la.z, cur.la.w};
-        const u32 pB[4] = {cur.pb.x, cur.pb.y, cur.pb.z, cur.pb.w}, sB[4] = {cur.sb.x, cur.sb.y, cur.sb.z, cur.sb.w}, lB[4] = {cur.lb.x, cur.lb.y, cur.lb.z, cur.lb.w};
-        const u32 xs[16] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y, cur.x[1].z, cur.x[1].w,
-                            cur.x[2].x, cur.x[2].y, cur.x[2].z, cur.x[2].w, cur.x[3].x, cur.x[3].y, cur.x[3].z, cur.x[3].w};
-        // A padded row (beyond `rows`) decodes zero planes to small finite values; its output
-        // is never stored.
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-            u32 qa[4], qb[4];
-            decode8(pA[w], sA[w], lA[w], ea, qa);
-            decode8(pB[w], sB[w], lB[w], eb, qb);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32 a[4] = {qa[2 * h], qb[2 * h], qa[2 * h + 1], qb[2 * h + 1]};
-                const u32 b[2] = {xs[4 * w + 2 * h], xs[4 * w + 2 * h + 1]};
-                mma_bf16_16816(acc, a, b);
-            }
-        }
+                                       (s + GEMV_WARPS) * STEP_COLS + tig * 32 * LANE_VECS);
+        step_mma(cur, ea, eb, acc);
         cur = nxt;
+#else
+        step_mma(load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, s * STEP_COLS + tig * 32 * LANE_VECS), ea, eb, acc);
+#endif
     }
     partial[warp][g][2 * tig] = acc[0];
     partial[warp][g][2 * tig + 1] = acc[1];

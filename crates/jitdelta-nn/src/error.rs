@@ -15,6 +15,10 @@ pub enum Error {
     /// Reading or decoding the jitdelta file failed.
     #[error(transparent)]
     Format(#[from] jitdelta_format::Error),
+    /// A GPU kernel failed (compiling, uploading or launching).
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Kernels(#[from] jitdelta_kernels::Error),
     /// An I/O error on a model file.
     #[error("{path}: {error}")]
     Io {

@@ -126,12 +126,26 @@ impl JitLinear {
     }
 
     fn rebuild_owned(&self, plan: &Plan) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let WeightStore::Gpu(g) = &self.store {
+            return g.decode(plan, self.runtime.device())?.to_dtype(DType::F32);
+        }
         let (rows, cols) = self.store.dims();
         let mut w = vec![0f32; rows * cols];
         self.store
             .rebuild_f32(plan, &mut w)
             .map_err(candle_core::Error::wrap)?;
         Tensor::from_vec(w, (rows, cols), self.runtime.device())
+    }
+
+    fn bad_input(&self, x: &Tensor, dtype: &str) -> candle_core::Error {
+        let (_, cols) = self.store.dims();
+        candle_core::Error::wrap(Error::InvalidInput(format!(
+            "layer `{}` takes {dtype} inputs of shape (.., {cols}), got {:?} {:?}",
+            self.name,
+            x.dtype(),
+            x.dims()
+        )))
     }
 
     fn fused_forward(&self, x: &Tensor, plan: &Plan) -> candle_core::Result<Tensor> {
@@ -156,13 +170,21 @@ impl JitLinear {
 impl Module for JitLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, cols) = self.store.dims();
+        #[cfg(feature = "cuda")]
+        if let WeightStore::Gpu(g) = &self.store {
+            if x.dims().last() != Some(&cols) || !x.dtype().is_float() {
+                return Err(self.bad_input(x, "float"));
+            }
+            let plan = self.mode.plan(&self.name);
+            let y = g.matmul(&x.to_dtype(DType::BF16)?, &plan)?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(DType::BF16)?)?,
+                None => y,
+            };
+            return y.to_dtype(x.dtype());
+        }
         if x.dims().last() != Some(&cols) || x.dtype() != DType::F32 {
-            return Err(candle_core::Error::wrap(Error::InvalidInput(format!(
-                "layer `{}` takes f32 inputs of shape (.., {cols}), got {:?} {:?}",
-                self.name,
-                x.dtype(),
-                x.dims()
-            ))));
+            return Err(self.bad_input(x, "f32"));
         }
         let plan = self.mode.plan(&self.name);
         let device = self.runtime.device();

@@ -43,6 +43,8 @@
 
 pub mod chat;
 mod error;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod jit_linear;
 mod kv_cache;
 mod linear;
@@ -59,4 +61,4 @@ pub use kv_cache::KvCache;
 pub use linear::{DenseLinear, LinearLayer};
 pub use mode::{ChunkSet, Mode, ModeHandle};
 pub use models::{CausalLm, ForwardOutput, Logits, ModelInfo};
-pub use source::{DenseSource, JitOptions, JitSource, LayerSource, WeightLayout};
+pub use source::{compute_dtype, DenseSource, JitOptions, JitSource, LayerSource, WeightLayout};

@@ -17,6 +17,16 @@ pub(crate) enum WeightStore {
     Resident(ResidentTensor),
     /// The entropy-coded at-rest form, read from the mapped file (~66% of BF16; slower).
     Compact(TensorView),
+    /// On a CUDA device, in the kernels' device layout (BF16 with a k = 12 draft).
+    #[cfg(feature = "cuda")]
+    Gpu(crate::gpu::GpuStore),
+}
+
+#[cfg(feature = "cuda")]
+fn on_gpu<T>() -> jitdelta_format::Result<T> {
+    Err(jitdelta_format::Error::InvalidOption(
+        "the weights are held on the GPU: rebuild them there".into(),
+    ))
 }
 
 impl WeightStore {
@@ -24,6 +34,8 @@ impl WeightStore {
         match self {
             WeightStore::Resident(r) => r.format(),
             WeightStore::Compact(v) => v.format().expect("compact stores hold split tensors"),
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(_) => FloatFormat::BF16,
         }
     }
 
@@ -31,6 +43,8 @@ impl WeightStore {
         match self {
             WeightStore::Resident(r) => r.dims(),
             WeightStore::Compact(v) => v.dims(),
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(g) => g.tensor.dims(),
         }
     }
 
@@ -38,6 +52,8 @@ impl WeightStore {
         match self {
             WeightStore::Resident(r) => r.chunk_rows(),
             WeightStore::Compact(v) => v.chunk_rows().unwrap_or(1),
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(g) => g.chunk_rows,
         }
     }
 
@@ -45,6 +61,8 @@ impl WeightStore {
         match self {
             WeightStore::Resident(r) => r.chunk_count(),
             WeightStore::Compact(v) => v.chunk_count(),
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(g) => g.tensor.chunk_count(),
         }
     }
 
@@ -56,6 +74,11 @@ impl WeightStore {
                 let (base, residual) = v.stored_bytes();
                 ((base + residual) as usize, base as usize)
             }
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(g) => {
+                let held = g.tensor.bytes_held();
+                (held, held - g.low_plane_bytes)
+            }
         }
     }
 
@@ -63,6 +86,8 @@ impl WeightStore {
         match self {
             WeightStore::Resident(r) => r.decode_chunk_exact(c, out),
             WeightStore::Compact(v) => v.decode_chunk_exact(c, out),
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(_) => on_gpu(),
         }
     }
 
@@ -75,6 +100,8 @@ impl WeightStore {
         match self {
             WeightStore::Resident(r) => r.decode_chunk_draft(c, dtype, out),
             WeightStore::Compact(v) => v.decode_chunk_draft(c, dtype, out),
+            #[cfg(feature = "cuda")]
+            WeightStore::Gpu(_) => on_gpu(),
         }
     }
 

@@ -62,7 +62,7 @@ impl LayerSource for DenseSource {
     }
 
     fn dtype(&self) -> DType {
-        DType::F32
+        super::compute_dtype(&self.device)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -83,11 +83,11 @@ impl LayerSource for DenseSource {
     ) -> Result<Arc<dyn LinearLayer>> {
         let w = self.load(&format!("{name}.weight"), &[out, inp])?;
         let stored = w.dtype();
-        let w = w.to_dtype(DType::F32)?;
+        let w = w.to_dtype(self.dtype())?;
         let b = if bias {
             Some(
                 self.load(&format!("{name}.bias"), &[out])?
-                    .to_dtype(DType::F32)?,
+                    .to_dtype(self.dtype())?,
             )
         } else {
             None

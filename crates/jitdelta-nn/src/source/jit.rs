@@ -6,7 +6,7 @@ use crate::runtime::Runtime;
 use crate::store::WeightStore;
 use crate::{DenseLinear, Error, JitLinear, LinearLayer, Result};
 use candle_core::{DType, Device, Tensor};
-use jitdelta_format::{JdFile, TensorView};
+use jitdelta_format::{JdFile, ResidentTensor, TensorView};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,6 +63,9 @@ pub struct JitSource {
     runtime: Arc<Runtime>,
     layers: Mutex<Vec<Arc<JitLinear>>>,
     plain_bytes: AtomicUsize,
+    /// The GPU kernels, compiled for the device on the first layer placed there.
+    #[cfg(feature = "cuda")]
+    kernels: std::sync::OnceLock<Arc<jitdelta_kernels::gpu::Kernels>>,
 }
 
 fn safetensors_dtype(name: &str, dtype: &str) -> Result<DType> {
@@ -110,6 +113,8 @@ impl JitSource {
             )),
             layers: Mutex::new(Vec::new()),
             plain_bytes: AtomicUsize::new(0),
+            #[cfg(feature = "cuda")]
+            kernels: std::sync::OnceLock::new(),
         }
     }
 
@@ -168,6 +173,30 @@ impl JitSource {
         Ok(view)
     }
 
+    /// Where a resident tensor lives: on a CUDA device, in GPU memory when the kernels can
+    /// read it (BF16 with a k = 12 draft); otherwise on the host.
+    fn place(&self, r: ResidentTensor) -> Result<WeightStore> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && jitdelta_kernels::reference::check_supported(&r).is_ok() {
+            let kernels = match self.kernels.get() {
+                Some(k) => k.clone(),
+                None => {
+                    let stream = self.device.as_cuda_device()?.cuda_stream();
+                    let k = Arc::new(jitdelta_kernels::gpu::Kernels::new(stream)?);
+                    self.kernels.get_or_init(|| k).clone()
+                }
+            };
+            let layout = jitdelta_kernels::device_layout::DeviceLayout::from_resident(&r)?;
+            return Ok(WeightStore::Gpu(crate::gpu::GpuStore {
+                tensor: kernels.upload_layout(&layout)?,
+                low_plane_bytes: layout.l.len(),
+                chunk_rows: r.chunk_rows(),
+                kernels,
+            }));
+        }
+        Ok(WeightStore::Resident(r))
+    }
+
     fn decode_plain(&self, name: &str, view: &TensorView, shape: &[usize]) -> Result<Tensor> {
         let dtype = safetensors_dtype(name, &view.entry().dtype)?;
         let bytes = view.decode_exact()?;
@@ -185,7 +214,7 @@ impl LayerSource for JitSource {
     }
 
     fn dtype(&self) -> DType {
-        DType::F32
+        super::compute_dtype(&self.device)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -213,7 +242,7 @@ impl LayerSource for JitSource {
             let b = self.view_checked(&bias_name, &[out])?;
             Some(
                 self.decode_plain(&bias_name, &b, &[out])?
-                    .to_dtype(DType::F32)?,
+                    .to_dtype(self.dtype())?,
             )
         } else {
             None
@@ -221,15 +250,13 @@ impl LayerSource for JitSource {
         if view.format().is_none() {
             // Stored whole (not a split float tensor): a plain dense layer.
             let w = self.decode_plain(&weight_name, &view, &[out, inp])?;
-            let layer = DenseLinear::new(name, w.to_dtype(DType::F32)?, bias, w.dtype());
+            let layer = DenseLinear::new(name, w.to_dtype(self.dtype())?, bias, w.dtype());
             self.plain_bytes
                 .fetch_add(layer.bytes_held(), Ordering::Relaxed);
             return Ok(Arc::new(layer));
         }
         let store = match self.layout {
-            WeightLayout::Resident { draft_bits } => {
-                WeightStore::Resident(view.to_resident(draft_bits)?)
-            }
+            WeightLayout::Resident { draft_bits } => self.place(view.to_resident(draft_bits)?)?,
             WeightLayout::Compact => WeightStore::Compact(view),
         };
         let layer = Arc::new(JitLinear::new(

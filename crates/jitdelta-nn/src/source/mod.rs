@@ -23,7 +23,7 @@ pub trait LayerSource: Send + Sync {
     /// The device the model runs on.
     fn device(&self) -> &Device;
 
-    /// The dtype activations and rebuilt weights are computed in (F32 on the CPU).
+    /// The dtype activations and rebuilt weights are computed in ([`compute_dtype`]).
     fn dtype(&self) -> DType;
 
     /// Whether the weights hold a tensor of that name.
@@ -60,4 +60,14 @@ pub(crate) fn check_shape(name: &str, expected: &[usize], found: &[usize]) -> Re
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// The compute dtype both sources use: F32 on the CPU (exact sums of BF16 products), BF16 on
+/// CUDA (what the GPU kernels and cuBLAS multiply; accumulation stays f32 inside them).
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
 }

@@ -1,0 +1,138 @@
+//! The CUDA path of [`JitLinear`](crate::JitLinear): weights held on the GPU in the device
+//! layout of `jitdelta-kernels`, multiplied by the fused decode-GEMV for up to 8 rows, decoded
+//! to a transient BF16 matrix for a cuBLAS matmul beyond that.
+
+use crate::mode::Plan;
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use half::bf16;
+use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels, MAX_GEMV_BATCH};
+use jitdelta_kernels::reference::ChunkSelection;
+use std::sync::Arc;
+
+/// A layer's weights in GPU memory and the kernels bound to its device's stream.
+pub(crate) struct GpuStore {
+    pub(crate) tensor: GpuResident,
+    pub(crate) kernels: Arc<Kernels>,
+    pub(crate) chunk_rows: usize,
+    /// Bytes of the low-mantissa plane (what a draft does not read).
+    pub(crate) low_plane_bytes: usize,
+}
+
+fn wrap(e: jitdelta_kernels::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+impl GpuStore {
+    fn selection(&self, plan: &Plan) -> candle_core::Result<GpuSelection> {
+        let sel = match plan {
+            Plan::Exact => ChunkSelection::Exact,
+            Plan::Draft => ChunkSelection::Draft,
+            Plan::Routed(..) => ChunkSelection::Routed(
+                (0..self.tensor.chunk_count())
+                    .map(|c| plan.exact(c))
+                    .collect(),
+            ),
+        };
+        self.kernels.selection(&self.tensor, &sel).map_err(wrap)
+    }
+
+    /// The layer's weights for `plan` as a new `(rows, cols)` BF16 tensor on the GPU.
+    pub(crate) fn decode(
+        &self,
+        plan: &Plan,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let dev = device.as_cuda_device()?.clone();
+        let (rows, cols) = self.tensor.dims();
+        let sel = self.selection(plan)?;
+        // SAFETY: the decode kernel writes every element before anything reads it.
+        let mut w = unsafe { dev.alloc::<bf16>(rows * cols) }?;
+        self.kernels
+            .decode(&self.tensor, &sel, &mut w.as_view_mut())
+            .map_err(wrap)?;
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(w, dev));
+        Ok(Tensor::from_storage(
+            storage,
+            (rows, cols),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// `x @ W^T` for BF16 `x` of shape `(.., cols)`: the fused kernel for up to 8 rows, else a
+    /// decode then a matmul.
+    pub(crate) fn matmul(&self, x: &Tensor, plan: &Plan) -> candle_core::Result<Tensor> {
+        let (rows, cols) = self.tensor.dims();
+        let batch = x.elem_count() / cols.max(1);
+        if batch == 0 || batch > MAX_GEMV_BATCH || cols % 32 != 0 {
+            let w = self.decode(plan, x.device())?;
+            return crate::linear::linear_forward(x, &w, None);
+        }
+        let mut x = x.contiguous()?;
+        if x.layout().start_offset() % 8 != 0 {
+            x = x.copy()?; // the kernel loads 16-byte vectors
+        }
+        let sel = self.selection(plan)?;
+        x.apply_op1_no_bwd(&FusedGemv {
+            store: self,
+            sel: &sel,
+            rows,
+            cols,
+        })
+    }
+}
+
+struct FusedGemv<'a> {
+    store: &'a GpuStore,
+    sel: &'a GpuSelection,
+    rows: usize,
+    cols: usize,
+}
+
+impl CustomOp1 for FusedGemv<'_> {
+    fn name(&self) -> &'static str {
+        "jitdelta-fused-gemv"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused GEMV runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if storage.dtype() != DType::BF16 {
+            candle_core::bail!(
+                "the fused GEMV takes BF16 inputs, got {:?}",
+                storage.dtype()
+            );
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the fused GEMV needs a contiguous input");
+        };
+        let x = storage.as_cuda_slice::<bf16>()?.slice(start..end);
+        let batch = (end - start) / self.cols;
+        let dev = storage.device().clone();
+        // SAFETY: the kernel writes all `batch * rows` outputs.
+        let mut y = unsafe { dev.alloc::<bf16>(batch * self.rows) }?;
+        self.store
+            .kernels
+            .gemv(
+                &self.store.tensor,
+                self.sel,
+                &x,
+                batch,
+                &mut y.as_view_mut(),
+            )
+            .map_err(wrap)?;
+        let mut dims = layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.rows;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims)))
+    }
+}
