@@ -2,7 +2,7 @@
 //! where the draft and the target run (one JIT model in two modes, on any device, or a
 //! recorded trace).
 
-use crate::sampling::{sample, Sampling, Signals};
+use crate::sampling::{argmax, sample, Sampling, Signals};
 use crate::{Controller, Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,6 +16,21 @@ pub struct DraftRow {
     pub signals: Signals,
     /// The sampling distribution `q` ([`Sampling::probs`]); `Some` exactly when sampling.
     pub probs: Option<Vec<f32>>,
+}
+
+impl DraftRow {
+    /// The row for one position's `logits`, with the draft's hidden-state RMS after the middle
+    /// and the last layer.
+    pub fn from_logits(logits: &[f32], sampling: &Sampling, hidden_rms: [f32; 2]) -> Self {
+        let probs = sampling.probs(logits);
+        let mut signals = Signals::from_probs(&probs);
+        signals.hidden_rms = hidden_rms;
+        DraftRow {
+            argmax: argmax(logits),
+            signals,
+            probs: (!sampling.is_greedy()).then_some(probs),
+        }
+    }
 }
 
 /// The target's output for one position.

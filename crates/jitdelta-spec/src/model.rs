@@ -2,7 +2,7 @@
 //! Draft and Exact modes, with one KV cache per mode.
 
 use crate::decode::{DraftRow, SpecModel, TargetRow};
-use crate::sampling::{argmax, Sampling, Signals};
+use crate::sampling::Sampling;
 use crate::Result;
 use candle_core::{Tensor, D};
 use jitdelta_nn::{CausalLm, KvCache, Logits, Mode, ModeHandle};
@@ -62,20 +62,16 @@ impl SpecModel for SelfSpec<'_> {
         self.mode.set_mode(Mode::Exact);
         let out = out?;
         let logits: Vec<f32> = out.logits.squeeze(0)?.to_vec1()?;
-        let probs = sampling.probs(&logits);
-        let mut signals = Signals::from_probs(&probs);
         let layers = out.hidden.len();
-        if layers > 0 {
-            signals.hidden_rms = [
+        let hidden_rms = if layers > 0 {
+            [
                 last_rms(&out.hidden[(layers - 1) / 2])?,
                 last_rms(&out.hidden[layers - 1])?,
-            ];
-        }
-        Ok(DraftRow {
-            argmax: argmax(&logits),
-            signals,
-            probs: (!sampling.is_greedy()).then_some(probs),
-        })
+            ]
+        } else {
+            [0.0; 2]
+        };
+        Ok(DraftRow::from_logits(&logits, sampling, hidden_rms))
     }
 
     fn verify(
