@@ -304,19 +304,9 @@ mod tests {
 
     #[test]
     fn names_parse_and_print_back() {
-        for name in [
-            "fixed:1",
-            "fixed:64",
-            "max-conf",
-            "entropy",
-            "margin",
-            "entropy-bound",
-            "ucb1",
-            "ucb1-tuned",
-            "ts",
-            "ts-gauss",
-            "lin-ucb",
-        ] {
+        let rules = StopRule::default_arms().into_iter().map(|r| r.name());
+        let bandits = ["ucb1", "ucb1-tuned", "ts", "ts-gauss", "lin-ucb"].map(String::from);
+        for name in rules.chain(bandits).chain(["fixed:64".to_string()]) {
             let kind: ControllerKind = name.parse().unwrap();
             assert_eq!(kind.to_string(), name);
         }

@@ -76,13 +76,18 @@ impl Sampling {
 
 /// Index of the largest value (the first on ties).
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let first = (0, v.first().copied().unwrap_or(0.0));
+    let best = v.iter().enumerate().fold(
+        first,
+        |(bi, bx), (i, &x)| {
+            if x > bx {
+                (i, x)
+            } else {
+                (bi, bx)
+            }
+        },
+    );
+    best.0 as u32
 }
 
 /// Draws an index from a distribution given by non-negative weights (normalized or not).
