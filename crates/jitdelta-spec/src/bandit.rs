@@ -127,7 +127,7 @@ pub struct Bandit {
 }
 
 /// LinUCB's exploration weight (rewards in [0, 1]).
-pub const LINUCB_ALPHA: f64 = 0.5;
+pub const LINUCB_ALPHA: f64 = 1.0;
 
 impl Bandit {
     /// A fresh bandit over `arms` arms (>= 1), with contexts of `context_dim` values (only
@@ -155,10 +155,11 @@ impl Bandit {
     /// The arm to play in a round with this `context`.
     pub fn select(&mut self, context: &[f64]) -> usize {
         let t: u64 = self.arms.iter().map(|a| a.pulls).sum();
-        if self.kind != BanditKind::LinUcb {
-            if let Some(untried) = self.arms.iter().position(|a| a.pulls == 0) {
-                return untried;
-            }
+        // Every policy plays each arm once first. (LinUCB too: its optimism for an unplayed
+        // arm, alpha |x|, can sit below a played arm's predicted reward, which would then be
+        // played for ever.)
+        if let Some(untried) = self.arms.iter().position(|a| a.pulls == 0) {
+            return untried;
         }
         let ln_t = (t.max(1) as f64).ln();
         let scores: Vec<f64> = match self.kind {
