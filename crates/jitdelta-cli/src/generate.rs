@@ -40,6 +40,8 @@ pub struct GenerateArgs {
     pub sampling: Sampling,
     /// Print one JSON object at the end instead of streaming text.
     pub json: bool,
+    /// Self-speculative decoding with this drafting controller.
+    pub speculative: Option<jitdelta_spec::ControllerKind>,
 }
 
 /// The `.jd` file a model argument names: the path itself, or the single `.jd` in a folder.
@@ -72,16 +74,25 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         args.model.clone()
     };
+    if args.speculative.is_some() && args.draft {
+        return Err(
+            "--speculative drafts with the base and verifies exactly: drop --mode draft".into(),
+        );
+    }
+    let mut mode = None; // the JIT layers' mode handle, for --speculative
     let (source, jit): (Box<dyn LayerSource>, bool) = match &jd_path {
         Some(path) => {
             let source = JitSource::open(path, &device, JitOptions::default())?;
+            mode = Some(source.mode().clone());
             if args.draft {
                 source.set_mode(Mode::Draft);
             }
             (Box::new(source), true)
         }
-        None if args.draft => {
-            return Err("--mode draft needs a .jd file (the draft is its base)".into());
+        None if args.draft || args.speculative.is_some() => {
+            return Err(
+                "--mode draft and --speculative need a .jd file (the draft is its base)".into(),
+            );
         }
         None => (Box::new(DenseSource::open(&folder, &device)?), false),
     };
@@ -110,7 +121,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut stream = tokenizer.stream(true);
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
-    let ids = decode_loop(model.as_ref(), &prompt_ids, &args, &stop, |id| {
+    let on_token = |id| -> Result<(), Box<dyn std::error::Error>> {
         if !args.json {
             if let Some(text) = stream.next_token(id)? {
                 stdout.write_all(text.as_bytes())?;
@@ -118,7 +129,25 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Ok(())
-    })?;
+    };
+    let (ids, speculative) = match (args.speculative, mode) {
+        (Some(kind), Some(mode)) => {
+            let (ids, report) = crate::speculative::run(
+                model.as_ref(),
+                mode,
+                kind,
+                &prompt_ids,
+                &args,
+                &stop,
+                on_token,
+            )?;
+            (ids, Some(report))
+        }
+        _ => (
+            decode_loop(model.as_ref(), &prompt_ids, &args, &stop, on_token)?,
+            None,
+        ),
+    };
     let secs = start.elapsed().as_secs_f64();
     if args.json {
         let text = tokenizer.decode(&ids, true)?;
@@ -130,6 +159,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             "mode": if args.draft { "draft" } else { "exact" },
             "source": if jit { "jitdelta" } else { "dense" },
             "resident_weight_bytes": source.weight_bytes(),
+            "speculative": speculative,
         });
         println!("{report}");
     } else {
@@ -143,6 +173,17 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             ids.len() as f64 / secs,
             source.weight_bytes()
         );
+        if let Some(r) = speculative {
+            let s = &r["stats"];
+            eprintln!(
+                "speculative ({}): acceptance rate {:.3}, mean accepted length {:.2}, \
+                 {:.3} target passes per token",
+                r["controller"]["controller"].as_str().unwrap_or(""),
+                s["acceptance_rate"].as_f64().unwrap_or(0.0),
+                s["mean_accepted_length"].as_f64().unwrap_or(0.0),
+                s["target_passes_per_token"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `jitdelta` command line.
 
 mod generate;
+mod speculative;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use jitdelta_format::{
@@ -108,6 +109,17 @@ enum Command {
         /// Print the text, token ids, tokens/s and resident weight bytes as JSON.
         #[arg(long)]
         json: bool,
+        /// Self-speculative decoding (needs a .jd file): the base drafts, the exact model
+        /// verifies; output as plain exact decoding. Reports acceptance rate, mean accepted
+        /// length and target passes per token.
+        #[arg(long)]
+        speculative: bool,
+        /// How far to draft each round: fixed:K, max-conf, entropy, margin, entropy-bound, or a
+        /// bandit over these: ucb1, ucb1-tuned, ts (Beta-Bernoulli Thompson sampling), ts-gauss
+        /// (Gaussian Thompson sampling), lin-ucb.
+        #[arg(long, default_value = "ucb1", requires = "speculative",
+              value_parser = speculative::parse_controller)]
+        controller: jitdelta_spec::ControllerKind,
     },
     /// Print per-tensor sizes and bits per weight.
     Inspect {
@@ -222,6 +234,8 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
             top_p,
             seed,
             json,
+            speculative,
+            controller,
         } => {
             let sampling = match temperature {
                 None => generate::Sampling::Greedy,
@@ -239,6 +253,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
                 draft: matches!(mode, GenerateMode::Draft),
                 sampling,
                 json,
+                speculative: speculative.then_some(controller),
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -720,20 +720,26 @@ fn generate_json(model: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("generate --json prints one JSON object")
 }
 
-#[test]
-fn generate_exact_from_jd_matches_dense_and_reports_bytes() {
-    let Some(src) = model("smollm2-bf16") else {
-        return;
-    };
-    let dir = scratch();
-    // A folder holding only the .jd file: config and tokenizer come from inside it.
-    let jd = dir.path().join("smollm2.jd");
+/// Compresses `src` into `dir/smollm2.jd`: a folder holding only the .jd file, so config and
+/// tokenizer come from inside it.
+fn compress_into(src: &Path, dir: &Path) -> PathBuf {
+    let jd = dir.join("smollm2.jd");
     assert_ok(&jitdelta([
         "compress".as_ref(),
         src.as_os_str(),
         jd.as_os_str(),
         "--quiet".as_ref(),
     ]));
+    jd
+}
+
+#[test]
+fn generate_exact_from_jd_matches_dense_and_reports_bytes() {
+    let Some(src) = model("smollm2-bf16") else {
+        return;
+    };
+    let dir = scratch();
+    let jd = compress_into(&src, dir.path());
     let dense = generate_json(&src, &[]);
     let exact = generate_json(dir.path(), &[]);
     assert_eq!(dense["source"], "dense");
@@ -801,4 +807,78 @@ fn generate_bad_inputs() {
             .chain(&prompt),
     );
     assert_clean_error(&out);
+}
+
+#[test]
+fn generate_speculative_matches_exact_and_reports_acceptance() {
+    let Some(src) = model("smollm2-bf16") else {
+        return;
+    };
+    let dir = scratch();
+    let jd = compress_into(&src, dir.path());
+    let exact = generate_json(&jd, &[]);
+    assert!(exact["speculative"].is_null());
+    for controller in ["fixed:3", "lin-ucb"] {
+        let spec = generate_json(&jd, &["--speculative", "--controller", controller]);
+        assert_eq!(spec["token_ids"], exact["token_ids"], "{controller}");
+        let s = &spec["speculative"]["stats"];
+        let rate = s["acceptance_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&rate), "{spec}");
+        assert!(s["mean_accepted_length"].as_f64().unwrap() >= 0.0);
+        let passes = s["target_passes_per_token"].as_f64().unwrap();
+        assert!(passes > 0.0 && passes <= 1.0, "{spec}");
+        let state = &spec["speculative"]["controller"];
+        assert_eq!(state["controller"], controller);
+        let arms = state["arms"].as_array().unwrap();
+        let pulls: u64 = arms.iter().map(|a| a["pulls"].as_u64().unwrap()).sum();
+        assert_eq!(pulls, state["rounds"].as_u64().unwrap());
+        assert!(arms.iter().all(|a| a["mean_reward"].is_number()));
+    }
+    // Sampling runs through the same loop.
+    let args = ["--speculative", "--temperature", "0.8", "--seed", "3"];
+    let sampled = generate_json(&jd, &args);
+    assert!(sampled["token_ids"].as_array().unwrap().len() <= 6);
+    // Text mode prints the figures on stderr.
+    let out = jitdelta([
+        "generate".as_ref(),
+        "--model".as_ref(),
+        jd.as_os_str(),
+        "--prompt".as_ref(),
+        "Hi".as_ref(),
+        "--max-tokens".as_ref(),
+        "4".as_ref(),
+        "--speculative".as_ref(),
+    ]);
+    assert_ok(&out);
+    assert!(
+        text(&out.stderr).contains("speculative (ucb1): acceptance rate"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Bad input: one clean error line each.
+    let jd = jd.to_str().unwrap();
+    let prompt = ["--prompt", "hi", "--max-tokens", "2"];
+    for bad in [
+        &["--speculative", "--controller", "fixed:0"][..],
+        &["--speculative", "--controller", "bandit"],
+        &["--controller", "ucb1"],
+        &["--speculative", "--mode", "draft"],
+    ] {
+        let out = jitdelta(["generate", "--model", jd].iter().chain(&prompt).chain(bad));
+        let err = assert_clean_error(&out);
+        if bad[1] == "bandit" {
+            assert!(err.contains("unknown controller `bandit`"), "{err}");
+        }
+    }
+    let out = jitdelta(
+        [
+            "generate",
+            "--model",
+            src.to_str().unwrap(),
+            "--speculative",
+        ]
+        .iter()
+        .chain(&prompt),
+    );
+    assert!(assert_clean_error(&out).contains("need a .jd file"));
 }

@@ -1,0 +1,424 @@
+//! The speculative decoding loop, written against [`SpecModel`] so that it does not care
+//! where the draft and the target run (one JIT model in two modes, on any device, or a
+//! recorded trace).
+
+use crate::sampling::{argmax, sample, Sampling, Signals};
+use crate::{Controller, Error, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The draft's output for the next position.
+#[derive(Clone, Debug)]
+pub struct DraftRow {
+    /// The most likely token.
+    pub argmax: u32,
+    /// What the distribution says about the draft's confidence.
+    pub signals: Signals,
+    /// The sampling distribution `q` ([`Sampling::probs`]); `Some` exactly when sampling.
+    pub probs: Option<Vec<f32>>,
+}
+
+impl DraftRow {
+    /// The row for one position's `logits`, with the draft's hidden-state RMS after the middle
+    /// and the last layer.
+    pub fn from_logits(logits: &[f32], sampling: &Sampling, hidden_rms: [f32; 2]) -> Self {
+        let probs = sampling.probs(logits);
+        let mut signals = Signals::from_probs(&probs);
+        signals.hidden_rms = hidden_rms;
+        DraftRow {
+            argmax: argmax(logits),
+            signals,
+            probs: (!sampling.is_greedy()).then_some(probs),
+        }
+    }
+}
+
+/// The target's output for one position.
+#[derive(Clone, Debug)]
+pub struct TargetRow {
+    /// The most likely token.
+    pub argmax: u32,
+    /// The sampling distribution `p` ([`Sampling::probs`]); `Some` exactly when sampling.
+    pub probs: Option<Vec<f32>>,
+}
+
+/// A draft and a target sharing a tokenizer, each with its own KV cache.
+///
+/// [`SelfSpec`](crate::SelfSpec) implements it for one JIT model in Draft and Exact modes.
+pub trait SpecModel {
+    /// Appends `tokens` (never empty) to the draft's cache and returns its output for the
+    /// position after them.
+    fn draft(&mut self, tokens: &[u32], sampling: &Sampling) -> Result<DraftRow>;
+
+    /// Appends `tokens` (never empty) to the target's cache in one forward pass and returns
+    /// its outputs for the last `rows` positions (`1 <= rows <= tokens.len()`).
+    fn verify(
+        &mut self,
+        tokens: &[u32],
+        rows: usize,
+        sampling: &Sampling,
+    ) -> Result<Vec<TargetRow>>;
+
+    /// Positions in the draft's cache.
+    fn draft_len(&self) -> usize;
+
+    /// Positions in the target's cache.
+    fn target_len(&self) -> usize;
+
+    /// Keeps the first `draft_len` and `target_len` positions of the two caches.
+    fn rollback(&mut self, draft_len: usize, target_len: usize) -> Result<()>;
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Most new tokens.
+    pub max_new: usize,
+    /// How tokens are picked (verification follows it).
+    pub sampling: Sampling,
+    /// Tokens that end the generation (kept in the output).
+    pub stop: Vec<u32>,
+    /// Seed of the sampling random numbers.
+    pub seed: u64,
+}
+
+/// Counters of one or more generations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SpecStats {
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Target forward passes (one per round, the prompt's included).
+    pub target_passes: usize,
+    /// Draft forward passes (one per drafted token).
+    pub draft_passes: usize,
+    /// Rounds that drafted at least one token.
+    pub rounds: usize,
+    /// Tokens drafted.
+    pub drafted: usize,
+    /// Drafted tokens the target accepted.
+    pub accepted: usize,
+}
+
+/// [`SpecStats`] with its ratios, as reported.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct SpecSummary {
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: SpecStats,
+    /// Accepted / drafted tokens.
+    pub acceptance_rate: f64,
+    /// Accepted drafted tokens per drafting round (the target's own token not counted).
+    pub mean_accepted_length: f64,
+    /// Target passes per generated token (plain decoding: 1).
+    pub target_passes_per_token: f64,
+    /// Draft passes per generated token.
+    pub draft_passes_per_token: f64,
+    /// `(target passes + c * draft passes) / tokens`, `c` the draft cost given: the cost per
+    /// token in target passes (plain decoding: 1; its inverse is the predicted speed-up).
+    pub cost_per_token: f64,
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+impl SpecStats {
+    /// Adds another generation's counters.
+    pub fn add(&mut self, o: &SpecStats) {
+        self.tokens += o.tokens;
+        self.target_passes += o.target_passes;
+        self.draft_passes += o.draft_passes;
+        self.rounds += o.rounds;
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+    }
+
+    /// The ratios, with a draft pass costing `draft_cost` target passes.
+    pub fn summary(&self, draft_cost: f64) -> SpecSummary {
+        SpecSummary {
+            stats: *self,
+            acceptance_rate: ratio(self.accepted, self.drafted),
+            mean_accepted_length: ratio(self.accepted, self.rounds),
+            target_passes_per_token: ratio(self.target_passes, self.tokens),
+            draft_passes_per_token: ratio(self.draft_passes, self.tokens),
+            cost_per_token: (self.target_passes as f64 + draft_cost * self.draft_passes as f64)
+                / self.tokens.max(1) as f64,
+        }
+    }
+}
+
+/// The output of [`generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// The new tokens (a stop token included).
+    pub tokens: Vec<u32>,
+    /// The counters.
+    pub stats: SpecStats,
+}
+
+/// Probability of keeping a drafted `token`: `min(1, p(token) / q(token))`.
+pub fn acceptance_probability(p: &[f32], q: &[f32], token: u32) -> f64 {
+    let (pt, qt) = (p[token as usize] as f64, q[token as usize] as f64);
+    if qt <= 0.0 {
+        1.0 // never drafted by a sampler; keep the rule total
+    } else {
+        (pt / qt).min(1.0)
+    }
+}
+
+/// The distribution to resample from after a rejection: `max(0, p - q)`, unnormalized
+/// ([`sample`] normalizes). All zero only when `p <= q` everywhere, i.e. `p == q`, where no
+/// rejection can happen.
+pub fn residual(p: &[f32], q: &[f32]) -> Vec<f32> {
+    p.iter().zip(q).map(|(&a, &b)| (a - b).max(0.0)).collect()
+}
+
+fn probs(row: Option<&Vec<f32>>) -> Result<&Vec<f32>> {
+    row.ok_or_else(|| Error::InvalidInput("a model returned no distribution while sampling".into()))
+}
+
+/// Verifies `drafts` against the target's `rows` (`drafts.len() + 1` of them): returns how
+/// many drafted tokens are kept and the token the target adds after them.
+///
+/// Greedy: drafts are kept while they equal the target's argmax; the added token is the
+/// target's argmax after them. Sampling: each draft is kept with probability
+/// [`acceptance_probability`]; at the first rejection the added token is drawn from
+/// [`residual`], and when all are kept it is drawn from the target's last row. Either way the
+/// output has exactly the target's distribution.
+pub fn verify_drafts(
+    drafts: &[u32],
+    draft_probs: &[Option<Vec<f32>>],
+    rows: &[TargetRow],
+    sampling: &Sampling,
+    rng: &mut impl Rng,
+) -> Result<(usize, u32)> {
+    if rows.len() != drafts.len() + 1 {
+        return Err(Error::InvalidInput(format!(
+            "{} target rows for {} drafted tokens",
+            rows.len(),
+            drafts.len()
+        )));
+    }
+    for (i, &d) in drafts.iter().enumerate() {
+        if sampling.is_greedy() {
+            if d != rows[i].argmax {
+                return Ok((i, rows[i].argmax));
+            }
+            continue;
+        }
+        let (p, q) = (
+            probs(rows[i].probs.as_ref())?,
+            probs(draft_probs[i].as_ref())?,
+        );
+        if rng.random::<f64>() >= acceptance_probability(p, q, d) {
+            let r = residual(p, q);
+            let t = if r.iter().any(|&x| x > 0.0) {
+                sample(&r, rng)
+            } else {
+                sample(p, rng)
+            };
+            return Ok((i, t));
+        }
+    }
+    let last = &rows[drafts.len()];
+    let next = if sampling.is_greedy() {
+        last.argmax
+    } else {
+        sample(probs(last.probs.as_ref())?, rng)
+    };
+    Ok((drafts.len(), next))
+}
+
+/// Generates up to `opts.max_new` tokens after `prompt` by speculative decoding: each round
+/// the draft proposes tokens until `controller` stops it, the target scores them all in one
+/// pass, the longest valid prefix and one target token are kept, and both caches roll back.
+///
+/// Greedy output is token for token the target's greedy output; sampled output has the
+/// target's distribution. `on_token` sees each new token as it is kept.
+pub fn generate(
+    model: &mut dyn SpecModel,
+    controller: &mut Controller,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidInput("the prompt has no tokens".into()));
+    }
+    let sampling = &opts.sampling;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    model.rollback(0, 0)?;
+    let mut seq = prompt.to_vec();
+    let mut stats = SpecStats::default();
+    let mut done = opts.max_new == 0;
+    while !done {
+        let n = seq.len();
+        let cap = controller
+            .config()
+            .max_draft
+            .min(opts.max_new - stats.tokens - 1);
+        let (mut drafts, mut draft_probs, mut signals) = (Vec::new(), Vec::new(), Vec::new());
+        if cap > 0 {
+            let mut row = model.draft(&seq[model.draft_len()..], sampling)?;
+            controller.begin_round(&row.signals, n);
+            loop {
+                stats.draft_passes += 1;
+                let token = match &row.probs {
+                    Some(q) if !sampling.is_greedy() => sample(q, &mut rng),
+                    _ => row.argmax,
+                };
+                drafts.push(token);
+                draft_probs.push(row.probs);
+                signals.push(row.signals);
+                if drafts.len() >= cap
+                    || opts.stop.contains(&token)
+                    || controller.should_stop(&signals)
+                {
+                    break;
+                }
+                row = model.draft(&[token], sampling)?;
+            }
+        }
+        let mut feed = seq[model.target_len()..].to_vec();
+        feed.extend_from_slice(&drafts);
+        let rows = model.verify(&feed, drafts.len() + 1, sampling)?;
+        stats.target_passes += 1;
+        let (accepted, next) = verify_drafts(&drafts, &draft_probs, &rows, sampling, &mut rng)?;
+        if !drafts.is_empty() {
+            controller.end_round(drafts.len(), accepted);
+            stats.rounds += 1;
+            stats.drafted += drafts.len();
+            stats.accepted += accepted;
+        }
+        for &t in drafts[..accepted].iter().chain([&next]) {
+            seq.push(t);
+            stats.tokens += 1;
+            on_token(t)?;
+            if opts.stop.contains(&t) || stats.tokens >= opts.max_new {
+                done = true;
+                break;
+            }
+        }
+        let keep = n + accepted;
+        model.rollback(model.draft_len().min(keep), keep)?;
+    }
+    Ok(Generation {
+        tokens: seq[prompt.len()..].to_vec(),
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acceptance_rule_reproduces_the_target_exactly() {
+        // Output distribution of one verify step, summed over what the draft proposes:
+        // P(x) = q(x) a(x) + sum_y q(y) (1 - a(y)) r(x) / |r|. It must be p, for every pair.
+        let cases: [(&[f32], &[f32]); 4] = [
+            (&[0.5, 0.3, 0.2, 0.0], &[0.25, 0.25, 0.25, 0.25]),
+            (&[0.1, 0.0, 0.9, 0.0], &[0.7, 0.2, 0.1, 0.0]),
+            (&[0.0, 0.0, 1.0, 0.0], &[0.0, 1.0, 0.0, 0.0]), // disjoint supports
+            (&[0.4, 0.6, 0.0, 0.0], &[0.4, 0.6, 0.0, 0.0]), // equal: always accepted
+        ];
+        for (p, q) in cases {
+            let r = residual(p, q);
+            let mass: f64 = r.iter().map(|&x| x as f64).sum();
+            let mut out = [0f64; 4];
+            for y in 0..4 {
+                let a = acceptance_probability(p, q, y as u32);
+                out[y] += q[y] as f64 * a;
+                for x in 0..4 {
+                    if mass > 0.0 {
+                        out[x] += q[y] as f64 * (1.0 - a) * r[x] as f64 / mass;
+                    }
+                }
+            }
+            for x in 0..4 {
+                assert!((out[x] - p[x] as f64).abs() < 1e-7, "{p:?} {q:?}: {out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn verify_drafts_samples_the_target() {
+        // Monte Carlo through `verify_drafts` itself: one drafted token drawn from q.
+        let p = vec![0.1f32, 0.6, 0.3];
+        let q = vec![0.5f32, 0.2, 0.3];
+        let sampling = Sampling::top_p(1.0, 1.0).unwrap();
+        let rows = [
+            TargetRow {
+                argmax: 1,
+                probs: Some(p.clone()),
+            },
+            TargetRow {
+                argmax: 0,
+                probs: Some(vec![1.0, 0.0, 0.0]),
+            },
+        ];
+        let mut rng = StdRng::seed_from_u64(5);
+        let n = 20_000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            let d = sample(&q, &mut rng);
+            let (kept, next) =
+                verify_drafts(&[d], &[Some(q.clone())], &rows, &sampling, &mut rng).unwrap();
+            let first = if kept == 1 { d } else { next };
+            counts[first as usize] += 1;
+        }
+        for x in 0..3 {
+            let f = counts[x] as f64 / n as f64;
+            assert!((f - p[x] as f64).abs() < 0.015, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_verification_keeps_the_matching_prefix() {
+        let row = |t| TargetRow {
+            argmax: t,
+            probs: None,
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let g = Sampling::Greedy;
+        let rows = [row(5), row(6), row(9), row(3)];
+        assert_eq!(
+            verify_drafts(&[5, 6, 7], &[None, None, None], &rows, &g, &mut rng).unwrap(),
+            (2, 9)
+        );
+        assert_eq!(
+            verify_drafts(&[5, 6, 9], &[None, None, None], &rows, &g, &mut rng).unwrap(),
+            (3, 3)
+        );
+        assert_eq!(
+            verify_drafts(&[], &[], &rows[..1], &g, &mut rng).unwrap(),
+            (0, 5)
+        );
+        assert!(verify_drafts(&[1], &[None], &rows[..1], &g, &mut rng).is_err());
+        // Sampling without distributions is an error, not a panic.
+        let s = Sampling::top_p(1.0, 1.0).unwrap();
+        assert!(verify_drafts(&[5], &[None], &rows[..2], &s, &mut rng).is_err());
+    }
+
+    #[test]
+    fn summary_ratios() {
+        let s = SpecStats {
+            tokens: 10,
+            target_passes: 4,
+            draft_passes: 8,
+            rounds: 3,
+            drafted: 8,
+            accepted: 6,
+        };
+        let m = s.summary(0.5);
+        assert_eq!(m.acceptance_rate, 0.75);
+        assert_eq!(m.mean_accepted_length, 2.0);
+        assert_eq!(m.target_passes_per_token, 0.4);
+        assert!((m.cost_per_token - 0.8).abs() < 1e-12);
+        assert_eq!(SpecStats::default().summary(0.7).acceptance_rate, 0.0);
+    }
+}

@@ -1,0 +1,124 @@
+//! [`SelfSpec`]: one loaded model as both draft and target, switching its JIT layers between
+//! Draft and Exact modes, with one KV cache per mode.
+
+use crate::decode::{DraftRow, SpecModel, TargetRow};
+use crate::sampling::Sampling;
+use crate::Result;
+use candle_core::{Tensor, D};
+use jitdelta_nn::{CausalLm, KvCache, Logits, Mode, ModeHandle};
+
+/// Self-speculation on one model whose layers share `mode` (a
+/// [`JitSource`](jitdelta_nn::JitSource)'s handle): drafts run in [`Mode::Draft`], verification
+/// in [`Mode::Exact`]. Works on whatever device the model lives on: only the logits rows the
+/// loop needs (the draft's last row, the target's argmaxes, or its rows when sampling) and
+/// two scalars of hidden-state size come back to the host.
+///
+/// It switches the shared handle before every pass and leaves it in `Exact`; do not run the
+/// same source elsewhere at the same time.
+pub struct SelfSpec<'m> {
+    model: &'m dyn CausalLm,
+    mode: ModeHandle,
+    draft: KvCache,
+    target: KvCache,
+}
+
+impl<'m> SelfSpec<'m> {
+    /// Wraps `model`, whose JIT layers follow `mode`.
+    pub fn new(model: &'m dyn CausalLm, mode: ModeHandle) -> Self {
+        Self {
+            model,
+            mode,
+            draft: model.new_cache(),
+            target: model.new_cache(),
+        }
+    }
+
+    fn input(&self, tokens: &[u32]) -> Result<Tensor> {
+        Ok(Tensor::from_slice(
+            tokens,
+            (1, tokens.len()),
+            self.model.device(),
+        )?)
+    }
+}
+
+/// Root mean square of the last position of a `(1, seq, hidden)` activation.
+fn last_rms(h: &Tensor) -> Result<f32> {
+    let seq = h.dim(1)?;
+    Ok(h.narrow(1, seq - 1, 1)?
+        .sqr()?
+        .mean_all()?
+        .sqrt()?
+        .to_scalar::<f32>()?)
+}
+
+impl SpecModel for SelfSpec<'_> {
+    fn draft(&mut self, tokens: &[u32], sampling: &Sampling) -> Result<DraftRow> {
+        let input = self.input(tokens)?;
+        self.mode.set_mode(Mode::Draft);
+        let out =
+            self.model
+                .forward_with_hidden(&input, self.draft.len(), &mut self.draft, Logits::Last);
+        self.mode.set_mode(Mode::Exact);
+        let out = out?;
+        let logits: Vec<f32> = out.logits.squeeze(0)?.to_vec1()?;
+        let layers = out.hidden.len();
+        let hidden_rms = if layers > 0 {
+            [
+                last_rms(&out.hidden[(layers - 1) / 2])?,
+                last_rms(&out.hidden[layers - 1])?,
+            ]
+        } else {
+            [0.0; 2]
+        };
+        Ok(DraftRow::from_logits(&logits, sampling, hidden_rms))
+    }
+
+    fn verify(
+        &mut self,
+        tokens: &[u32],
+        rows: usize,
+        sampling: &Sampling,
+    ) -> Result<Vec<TargetRow>> {
+        let input = self.input(tokens)?;
+        self.mode.set_mode(Mode::Exact);
+        let logits =
+            self.model
+                .forward(&input, self.target.len(), &mut self.target, Logits::All)?;
+        let rows = rows.clamp(1, tokens.len());
+        let logits = logits.squeeze(0)?.narrow(0, tokens.len() - rows, rows)?;
+        let argmaxes: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        if sampling.is_greedy() {
+            return Ok(argmaxes
+                .into_iter()
+                .map(|argmax| TargetRow {
+                    argmax,
+                    probs: None,
+                })
+                .collect());
+        }
+        let all: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(argmaxes
+            .into_iter()
+            .zip(all)
+            .map(|(argmax, l)| TargetRow {
+                argmax,
+                probs: Some(sampling.probs(&l)),
+            })
+            .collect())
+    }
+
+    fn draft_len(&self) -> usize {
+        self.draft.len()
+    }
+
+    fn target_len(&self) -> usize {
+        self.target.len()
+    }
+
+    fn rollback(&mut self, draft_len: usize, target_len: usize) -> Result<()> {
+        self.draft.truncate(draft_len)?;
+        self.target.truncate(target_len)?;
+        Ok(())
+    }
+}
