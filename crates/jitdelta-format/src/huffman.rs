@@ -19,11 +19,14 @@ pub const MAX_LEN: u32 = 12;
 const LOOKUP: usize = 1 << MAX_LEN;
 /// Independent bit streams per block; symbol quarter `q` of a block goes to stream `q`.
 pub const STREAMS: usize = 4;
-/// Most symbols one lookup yields (6 bytes of a table entry; its top 16 bits hold the count and
+/// Most symbols one lookup yields (6 bytes of a table entry; its top bits hold the count and
 /// the bits used). The fast path stores all 8 bytes of an entry, so it keeps 8 bytes of room.
 const PER_LOOKUP: usize = 6;
 const COUNT_SHIFT: u32 = 48;
-const BITS_SHIFT: u32 = 52;
+/// Lookups from one 8-byte load: its window holds at least 57 bits.
+const PER_LOAD: usize = 4;
+/// The bits used sit at the very top of an entry: one shift extracts them.
+const BITS_SHIFT: u32 = 60;
 
 /// Code lengths of byte symbols (0 = absent). A table with one symbol gives it length 0: that
 /// symbol costs no bits at all.
@@ -235,7 +238,7 @@ pub struct HuffmanEncoder {
     present: Vec<u8>,
 }
 
-/// Decoder lookup table: entry = symbols (6 bytes) | count << 48 | bits << 52.
+/// Decoder lookup table: entry = symbols (6 bytes) | count << 48 | bits << 60.
 pub struct HuffmanDecoder {
     lut: Box<[u64]>,
     single: Box<[u16]>,
@@ -315,120 +318,117 @@ pub fn blocks(stream: &[u8], n: usize, block_len: usize) -> Result<Vec<&[u8]>> {
     crate::section::split_blocks(stream, n.div_ceil(block_len), 4 * (STREAMS - 1), "Huffman")
 }
 
-/// One bit stream being decoded into its quarter of the output.
-struct Cursor<'a> {
-    data: &'a [u8],
-    bit: usize,
-    pos: usize,
-}
-
-impl Cursor<'_> {
-    #[inline(always)]
-    fn window(&self) -> u64 {
-        let byte = self.bit >> 3;
-        let w = match self.data.get(byte..byte + 8) {
-            Some(w) => u64::from_le_bytes(w.try_into().unwrap()),
-            None => {
-                let mut tail = [0u8; 8];
-                let from = byte.min(self.data.len());
-                tail[..self.data.len() - from].copy_from_slice(&self.data[from..]);
-                u64::from_le_bytes(tail)
-            }
-        };
-        w >> (self.bit & 7)
-    }
-
-    /// Decodes the remaining symbols of `out` one symbol at a time, with exact bounds.
-    fn finish(&mut self, single: &[u16; LOOKUP], out: &mut [u8]) {
-        while self.pos < out.len() {
-            let e = single[(self.window() & (LOOKUP as u64 - 1)) as usize];
-            out[self.pos] = e as u8;
-            self.pos += 1;
-            self.bit += (e >> 8) as usize;
+/// The 8 bytes at `byte` of `data`, zero-padded past its end, shifted right by `shift` bits.
+#[inline(always)]
+fn window(data: &[u8], byte: usize, shift: usize) -> u64 {
+    let w = match data.get(byte..byte + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().unwrap()),
+        None => {
+            let mut tail = [0u8; 8];
+            let from = byte.min(data.len());
+            tail[..data.len() - from].copy_from_slice(&data[from..]);
+            u64::from_le_bytes(tail)
         }
-    }
+    };
+    w >> shift
 }
 
 /// Decodes one block into `out` (its symbol count).
+///
+/// The four streams are decoded in one loop (four independent dependency chains), their
+/// positions held in locals: `bit[k]` indexes the bits of the whole block data, `pos[k]` the
+/// whole `out`. Stream `k` owns data bytes `ends[k - 1]..ends[k]` and output
+/// `outs[k - 1]..outs[k]` (from 0 for `k = 0`).
 pub fn decode_block(block: &[u8], dec: &HuffmanDecoder, out: &mut [u8]) -> Result<()> {
     if dec.empty && !out.is_empty() {
         return Err(Error::corrupt("symbols coded with an empty table"));
     }
     let lut: &[u64; LOOKUP] = dec.lut.as_ref().try_into().expect("4096 entries");
     let single: &[u16; LOOKUP] = dec.single.as_ref().try_into().expect("4096 entries");
-    let (header, mut data) = block.split_at(4 * (STREAMS - 1));
-    let mut cursors: Vec<Cursor<'_>> = Vec::with_capacity(STREAMS);
+    let (header, data) = block
+        .split_at_checked(4 * (STREAMS - 1))
+        .ok_or_else(|| Error::corrupt("Huffman block shorter than its header"))?;
+    let (mut ends, mut outs) = ([0usize; STREAMS], [0usize; STREAMS]);
+    let (mut bit, mut pos) = ([0usize; STREAMS], [0usize; STREAMS]);
+    let q = quarters(out.len());
     for k in 0..STREAMS {
-        let len = if k < STREAMS - 1 {
-            u32::from_le_bytes(header[4 * k..4 * k + 4].try_into().unwrap()) as usize
+        let start = if k == 0 { 0 } else { ends[k - 1] };
+        ends[k] = if k < STREAMS - 1 {
+            let len = u32::from_le_bytes(header[4 * k..4 * k + 4].try_into().unwrap()) as usize;
+            start
+                .checked_add(len)
+                .filter(|&end| end <= data.len())
+                .ok_or_else(|| Error::corrupt("Huffman sub-stream longer than its block"))?
         } else {
             data.len()
         };
-        if len > data.len() {
-            return Err(Error::corrupt("Huffman sub-stream longer than its block"));
-        }
-        let (s, rest) = data.split_at(len);
-        cursors.push(Cursor {
-            data: s,
-            bit: 0,
-            pos: 0,
-        });
-        data = rest;
+        bit[k] = 8 * start;
+        pos[k] = if k == 0 { 0 } else { outs[k - 1] };
+        outs[k] = pos[k] + q[k];
     }
-    let q = quarters(out.len());
-    let mut parts: Vec<&mut [u8]> = Vec::with_capacity(STREAMS);
-    let mut rest = &mut *out;
-    for &len in &q {
-        let (a, b) = std::mem::take(&mut rest).split_at_mut(len);
-        parts.push(a);
-        rest = b;
-    }
-    // Interleaved fast path: every cursor has a full 8-byte window and room for 4 symbols.
-    if let [c0, c1, c2, c3] = &mut cursors[..] {
-        if let [p0, p1, p2, p3] = &mut parts[..] {
-            let cs = [c0, c1, c2, c3];
-            let ps = [&mut **p0, &mut **p1, &mut **p2, &mut **p3];
-            loop {
-                // Steps every cursor can surely take: a step reads at most 12 bits inside an
-                // 8-byte window and stores 8 bytes, of which at most 6 are kept.
-                let steps = cs
-                    .iter()
-                    .zip(ps.iter())
-                    .map(|(c, p)| {
-                        let bits_left = (c.data.len().saturating_sub(8) * 8).saturating_sub(c.bit);
-                        // Step k stores 8 bytes at pos + (at most) 6k.
-                        let room = p
-                            .len()
-                            .checked_sub(c.pos + 8)
-                            .map_or(0, |r| r / PER_LOOKUP + 1);
-                        (bits_left / MAX_LEN as usize).min(room)
-                    })
-                    .min()
-                    .unwrap_or(0);
-                if steps == 0 {
-                    break;
-                }
-                for _ in 0..steps {
-                    for k in 0..STREAMS {
-                        let c = &mut *cs[k];
-                        let p = &mut *ps[k];
-                        let byte = c.bit >> 3;
-                        let w = u64::from_le_bytes(c.data[byte..byte + 8].try_into().unwrap())
-                            >> (c.bit & 7);
-                        let e = lut[(w & (LOOKUP as u64 - 1)) as usize];
-                        p[c.pos..c.pos + 8].copy_from_slice(&e.to_le_bytes());
-                        c.pos += ((e >> COUNT_SHIFT) & 0xF) as usize;
-                        c.bit += ((e >> BITS_SHIFT) & 0xF) as usize;
-                    }
+    // Interleaved fast path while every stream has a full 8-byte window inside its own data and
+    // room for an 8-byte store inside its own quarter. One load gives a stream the window of
+    // `PER_LOAD` lookups, so a lookup waits on the previous one's table entry only.
+    loop {
+        // Steps every stream can surely take: a step reads at most 12 bits inside an 8-byte
+        // window and stores 8 bytes at `pos`, of which at most 6 are kept.
+        let steps = (0..STREAMS)
+            .map(|k| {
+                let bits_left = (ends[k].saturating_sub(8) * 8).saturating_sub(bit[k]);
+                // Step i stores 8 bytes at pos + (at most) 6i.
+                let room = outs[k]
+                    .checked_sub(pos[k] + 8)
+                    .map_or(0, |r| r / PER_LOOKUP + 1);
+                (bits_left / MAX_LEN as usize).min(room)
+            })
+            .min()
+            .unwrap_or(0);
+        for _ in 0..steps / PER_LOAD {
+            let mut w = [0u64; STREAMS];
+            for k in 0..STREAMS {
+                let byte = bit[k] >> 3;
+                w[k] = u64::from_le_bytes(data[byte..byte + 8].try_into().unwrap()) >> (bit[k] & 7);
+            }
+            for _ in 0..PER_LOAD {
+                for k in 0..STREAMS {
+                    let e = lut[(w[k] & (LOOKUP as u64 - 1)) as usize];
+                    out[pos[k]..pos[k] + 8].copy_from_slice(&e.to_le_bytes());
+                    pos[k] += ((e >> COUNT_SHIFT) & 0xF) as usize;
+                    w[k] >>= e >> BITS_SHIFT;
+                    bit[k] += (e >> BITS_SHIFT) as usize;
                 }
             }
         }
+        if steps < PER_LOAD {
+            break;
+        }
     }
-    for (c, p) in cursors.iter_mut().zip(parts.iter_mut()) {
-        c.finish(single, p);
-        // All bits used, at most the zero padding of the last byte left over.
-        let total = 8 * c.data.len();
-        if c.bit > total || total - c.bit >= 8 {
+    // Each stream's rest on its own, with exact bounds: windows past the end of the stream read
+    // zeros, a lookup is kept whole while its symbols fit the quarter, and the last few symbols
+    // are decoded one at a time. Then all bits must be used, at most the zero padding of the
+    // last byte left over.
+    for k in 0..STREAMS {
+        let start = if k == 0 { 0 } else { ends[k - 1] };
+        let stream = &data[start..ends[k]];
+        let mut b = bit[k] - 8 * start;
+        let mut p = pos[k];
+        while p < outs[k] {
+            let w = window(stream, b >> 3, b & 7) & (LOOKUP as u64 - 1);
+            let e = lut[w as usize];
+            let count = ((e >> COUNT_SHIFT) & 0xF) as usize;
+            if (1..=outs[k] - p).contains(&count) {
+                out[p..p + count].copy_from_slice(&e.to_le_bytes()[..count]);
+                p += count;
+                b += (e >> BITS_SHIFT) as usize;
+            } else {
+                let e = single[w as usize];
+                out[p] = e as u8;
+                p += 1;
+                b += (e >> 8) as usize;
+            }
+        }
+        let total = 8 * stream.len();
+        if b > total || total - b >= 8 {
             return Err(Error::corrupt(
                 "Huffman sub-stream length does not match its symbols",
             ));
@@ -503,6 +503,67 @@ mod tests {
                 "n = {n}"
             );
         }
+    }
+
+    #[test]
+    fn streams_of_very_different_lengths_roundtrip() {
+        // The first quarter is all 1-bit codes, the last all 12-bit codes: the interleaved loop
+        // stops early on the long stream and the others finish on their own.
+        let mut counts = [0u64; 256];
+        for (s, c) in counts.iter_mut().enumerate().take(13) {
+            *c = 1 << (12 - s.min(11));
+        }
+        let t = CodeLengths::from_counts(&counts);
+        assert_eq!((t.len(0), t.len(12)), (1, 12));
+        for n in [16usize, 64, 200, 1001, 4096, 16384] {
+            let q = n.div_ceil(STREAMS);
+            let symbols: Vec<u8> = (0..n)
+                .map(|i| match i / q {
+                    0 => 0,
+                    1 => (i % 3) as u8,
+                    2 => (i % 13) as u8,
+                    _ => 11 + (i % 2) as u8,
+                })
+                .collect();
+            let mut out = Vec::new();
+            encode(&symbols, &t.encoder(), n, &mut out).unwrap();
+            let mut back = vec![0u8; n];
+            decode_block(blocks(&out, n, n).unwrap()[0], &t.decoder(), &mut back).unwrap();
+            assert_eq!(back, symbols, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn hostile_blocks_give_errors_not_panics() {
+        // Arbitrary bytes and sub-stream lengths (including past the block), for tables with
+        // one, two and many symbols and outputs of many sizes: errors or symbols, never a panic
+        // or a write outside `out` (the slice bounds would panic).
+        let tables = [
+            CodeLengths::try_from(vec![(9u16, 0u8)]).unwrap(),
+            CodeLengths::try_from(vec![(0u16, 1u8), (1, 1)]).unwrap(),
+            CodeLengths::from_counts(&(1..=40u64).map(|c| c * c * c).collect::<Vec<_>>()),
+        ];
+        let mut x = 12345u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..3000 {
+            let len = (next() % 300) as usize;
+            let mut block: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if len >= 12 && round % 2 == 0 {
+                for k in 0..STREAMS - 1 {
+                    let sub = next() % (len as u32 / 2 + 8);
+                    block[4 * k..4 * k + 4].copy_from_slice(&sub.to_le_bytes());
+                }
+            }
+            let mut out = vec![0u8; (next() % 1200) as usize];
+            let dec = tables[round % tables.len()].decoder();
+            let _ = decode_block(&block, &dec, &mut out);
+        }
+        assert!(decode_block(&[0u8; 11], &tables[2].decoder(), &mut [0u8; 4]).is_err());
     }
 
     #[test]

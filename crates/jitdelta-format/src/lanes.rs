@@ -156,26 +156,75 @@ pub(crate) fn join<const BYTES: usize, const M: u32, const E: u32>(
     });
 }
 
+/// Values per group of [`join_bf16_nibbles`]: 16 bytes of each nibble plane, 64 output bytes.
+const JOIN_GROUP: usize = 32;
+
 /// [`join`] for the default BF16 layout (`d = 3`), reading the high and low fields straight from
 /// their nibble planes: the hot path of exact decoding, with no intermediate field buffers.
 /// `high` and `low` start at the nibble of value 0 (an even field index).
 pub(crate) fn join_bf16_nibbles(exps: &[u8], high: &[u8], low: &[u8], out: &mut [u8]) {
     let n = out.len() / 2;
-    let pairs = n / 2;
-    // Two values per byte of each plane: one u32 of output per pair.
-    let (e, h, l) = (&exps[..2 * pairs], &high[..pairs], &low[..pairs]);
-    let pair = |j: usize| {
-        let (hb, lb) = (h[j] as u32, l[j] as u32);
-        let (e0, e1) = (e[2 * j] as u32, e[2 * j + 1] as u32);
-        let v0 = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
-        let v1 = ((hb & 0x80) << 8) | (e1 << 7) | (hb & 0x70) | (lb >> 4);
-        v0 | v1 << 16
-    };
-    fill(&mut out[..4 * pairs], pair);
-    if n % 2 == 1 {
-        let (hb, lb, e0) = (high[pairs] as u32, low[pairs] as u32, exps[n - 1] as u32);
-        let v = ((hb & 8) << 12) | (e0 << 7) | ((hb & 7) << 4) | (lb & 15);
-        out[2 * n - 2..].copy_from_slice(&(v as u16).to_le_bytes());
+    let groups = n / JOIN_GROUP;
+    let (e_body, h_body, l_body) = (
+        &exps[..JOIN_GROUP * groups],
+        &high[..JOIN_GROUP / 2 * groups],
+        &low[..JOIN_GROUP / 2 * groups],
+    );
+    // Whole groups as loops over fixed-size arrays, a shape the compiler turns into SIMD (about
+    // 4x faster than one value at a time; small changes to these loops can lose it, so measure).
+    // Value `i`'s output bytes are: exponent bit 0 | top mantissa bits | low nibble, then
+    // sign | exponent >> 1. Byte-wise shifts are done on 16-bit lanes and masked: SIMD has no
+    // 8-bit shift.
+    for (((o, e), h), l) in out[..2 * JOIN_GROUP * groups]
+        .chunks_exact_mut(2 * JOIN_GROUP)
+        .zip(e_body.chunks_exact(JOIN_GROUP))
+        .zip(h_body.chunks_exact(JOIN_GROUP / 2))
+        .zip(l_body.chunks_exact(JOIN_GROUP / 2))
+    {
+        let (mut h16, mut l16, mut e16) = ([0u16; 8], [0u16; 8], [0u16; 16]);
+        for m in 0..8 {
+            h16[m] = u16::from_le_bytes([h[2 * m], h[2 * m + 1]]);
+            l16[m] = u16::from_le_bytes([l[2 * m], l[2 * m + 1]]);
+        }
+        for m in 0..16 {
+            e16[m] = u16::from_le_bytes([e[2 * m], e[2 * m + 1]]);
+        }
+        // Even values' high nibbles shifted up, odd values' low nibbles shifted down.
+        let (mut h_even, mut l_odd) = ([0u8; 16], [0u8; 16]);
+        for m in 0..8 {
+            [h_even[2 * m], h_even[2 * m + 1]] = ((h16[m] << 4) & 0xF0F0).to_le_bytes();
+            [l_odd[2 * m], l_odd[2 * m + 1]] = ((l16[m] >> 4) & 0x0F0F).to_le_bytes();
+        }
+        // Exponent bit 0 at bit 7 (for the low output byte), the rest shifted down (high byte).
+        let (mut e_low, mut e_high) = ([0u8; 32], [0u8; 32]);
+        for m in 0..16 {
+            [e_low[2 * m], e_low[2 * m + 1]] = ((e16[m] << 7) & 0x8080).to_le_bytes();
+            [e_high[2 * m], e_high[2 * m + 1]] = ((e16[m] >> 1) & 0x7F7F).to_le_bytes();
+        }
+        // Per value: its high nibble at bits 4..7, its low nibble at bits 0..3.
+        let (mut top, mut bottom) = ([0u8; 32], [0u8; 32]);
+        for j in 0..16 {
+            top[2 * j] = h_even[j];
+            top[2 * j + 1] = h[j] & 0xF0;
+            bottom[2 * j] = l[j] & 15;
+            bottom[2 * j + 1] = l_odd[j];
+        }
+        let (mut lo, mut hi) = ([0u8; 32], [0u8; 32]);
+        for i in 0..32 {
+            lo[i] = e_low[i] | (top[i] & 0x70) | bottom[i];
+            hi[i] = (top[i] & 0x80) | e_high[i];
+        }
+        for i in 0..32 {
+            o[2 * i] = lo[i];
+            o[2 * i + 1] = hi[i];
+        }
+    }
+    for i in JOIN_GROUP * groups..n {
+        let shift = 4 * (i % 2);
+        let (hn, ln) = ((high[i / 2] >> shift) & 15, (low[i / 2] >> shift) & 15);
+        let v =
+            ((hn as u16 & 8) << 12) | ((exps[i] as u16) << 7) | ((hn as u16 & 7) << 4) | ln as u16;
+        out[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
     }
 }
 
@@ -264,5 +313,36 @@ pub(crate) fn draft<const BYTES: usize, const M: u32, const E: u32>(
             half::bf16::from_f32(format.to_f32(bits(exps[i], high[i]))).to_bits() as u32
         }),
         DraftDtype::F32 => assemble::<4>(out, |i| format.to_f32(bits(exps[i], high[i])).to_bits()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nibble_join_matches_the_generic_join() {
+        // Lengths around the 32-value groups, from arbitrary bytes (every exponent, sign and
+        // mantissa pattern), into an unaligned output.
+        let mut x = 0x9E37_79B9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        };
+        for n in (0..100usize).chain([127, 128, 129, 1000, 1025]) {
+            let exps: Vec<u8> = (0..n).map(|_| next()).collect();
+            let high: Vec<u8> = (0..n.div_ceil(2)).map(|_| next()).collect();
+            let low: Vec<u8> = (0..n.div_ceil(2)).map(|_| next()).collect();
+            let nibble = |plane: &[u8], i: usize| (plane[i / 2] >> (4 * (i % 2)) & 15) as u32;
+            let h: Vec<u32> = (0..n).map(|i| nibble(&high, i)).collect();
+            let l: Vec<u32> = (0..n).map(|i| nibble(&low, i)).collect();
+            let mut expected = vec![0u8; 2 * n];
+            join::<2, 7, 8>(&exps, &h, &l, 3, &mut expected);
+            let mut got = vec![0u8; 2 * n + 1];
+            join_bf16_nibbles(&exps, &high, &low, &mut got[1..]);
+            assert_eq!(got[1..], expected[..], "n = {n}");
+        }
     }
 }
