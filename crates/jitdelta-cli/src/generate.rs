@@ -42,6 +42,21 @@ pub struct GenerateArgs {
     pub json: bool,
     /// Self-speculative decoding with this drafting controller.
     pub speculative: Option<jitdelta_spec::ControllerKind>,
+    /// The device the model runs on.
+    pub device: Device,
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn open_device(name: &str) -> Result<Device, Box<dyn std::error::Error>> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => return Err(format!("--device {name}: expected cpu, cuda or cuda:N").into()),
+        },
+    };
+    Device::new_cuda(ordinal).map_err(|e| format!("--device {name}: {e}").into())
 }
 
 /// The `.jd` file a model argument names: the path itself, or the single `.jd` in a folder.
@@ -67,7 +82,7 @@ fn find_jd(model: &Path) -> Result<Option<PathBuf>, String> {
 
 /// Loads the model and generates.
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let device = Device::Cpu;
+    let device = args.device.clone();
     let jd_path = find_jd(&args.model)?;
     let folder = if args.model.is_file() {
         args.model.parent().unwrap_or(Path::new(".")).to_path_buf()

@@ -114,6 +114,9 @@ enum Command {
         /// length and target passes per token.
         #[arg(long)]
         speculative: bool,
+        /// Where to run: cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// How far to draft each round: fixed:K, max-conf, entropy, margin, entropy-bound, or a
         /// bandit over these: ucb1, ucb1-tuned, ts (Beta-Bernoulli Thompson sampling), ts-gauss
         /// (Gaussian Thompson sampling), lin-ucb.
@@ -236,6 +239,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
             json,
             speculative,
             controller,
+            device,
         } => {
             let sampling = match temperature {
                 None => generate::Sampling::Greedy,
@@ -254,6 +258,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
                 sampling,
                 json,
                 speculative: speculative.then_some(controller),
+                device: generate::open_device(&device)?,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -882,3 +882,28 @@ fn generate_speculative_matches_exact_and_reports_acceptance() {
     );
     assert!(assert_clean_error(&out).contains("need a .jd file"));
 }
+
+/// `--device` names a device or says which names it takes; a CPU-only build says so for cuda.
+#[test]
+fn bad_devices() {
+    let tmp = scratch();
+    let src = synthetic_model(tmp.path(), 1);
+    for (device, says) in [
+        ("gpu", "expected cpu, cuda or cuda:N"),
+        ("cuda:x", "expected cpu, cuda or cuda:N"),
+        ("cuda", "--device cuda:"),
+    ] {
+        let e = assert_clean_error(&jitdelta([
+            "generate".as_ref(),
+            "--model".as_ref(),
+            src.as_os_str(),
+            "--prompt".as_ref(),
+            "hi".as_ref(),
+            "--device".as_ref(),
+            device.as_ref(),
+        ]));
+        if !(device == "cuda" && cfg!(feature = "cuda")) {
+            assert!(e.contains(says), "{device}: {e}");
+        }
+    }
+}

@@ -156,10 +156,10 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const
 // Tuning knobs: 16-byte vectors per plane and row a lane loads per step (-DLANE_VECS=1|2), and
 // whether the next step's loads go out before this step decodes (-DPREFETCH=0|1).
 #ifndef LANE_VECS
-#define LANE_VECS 1
+#define LANE_VECS 2
 #endif
 #ifndef PREFETCH
-#define PREFETCH 1
+#define PREFETCH 0
 #endif
 #define STEP_COLS (128 * LANE_VECS)
 

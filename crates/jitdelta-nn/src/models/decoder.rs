@@ -207,6 +207,7 @@ impl Decoder {
             .reshape((b, seq, self.cfg.hidden_size))?
             .to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.cos_sin(offset, seq, &self.device)?;
+        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
         let mask = self.mask(seq, offset)?;
         let eps = self.cfg.rms_norm_eps as f32;
         let mut hidden = Vec::new();
