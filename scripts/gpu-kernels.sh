@@ -23,7 +23,9 @@ for l in sys.stdin:
     cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" gpu-bin/kernel_bench
     strip gpu-bin/kernels-gpu-tests gpu-bin/kernel_bench
     [ -f testdata-cache/minilm-bf16/model.safetensors ] || scripts/fetch-test-data.sh
-    cargo run --release -q -p jitdelta-cli -- compress testdata-cache/minilm-bf16/model.safetensors gpu-bin/minilm-bf16.jd
+    # The CPU build of the CLI, in the CPU target dir (no CUDA flags, no clobbering a CUDA build).
+    env -u RUSTFLAGS CARGO_TARGET_DIR="$PWD/target" cargo run --release -q -p jitdelta-cli -- \
+        compress testdata-cache/minilm-bf16/model.safetensors gpu-bin/minilm-bf16.jd
     ls -l gpu-bin
     ;;
 run)

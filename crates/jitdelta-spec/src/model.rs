@@ -45,7 +45,9 @@ impl<'m> SelfSpec<'m> {
 /// Root mean square of the last position of a `(1, seq, hidden)` activation.
 fn last_rms(h: &Tensor) -> Result<f32> {
     let seq = h.dim(1)?;
+    // f32 whatever the compute dtype (BF16 on CUDA).
     Ok(h.narrow(1, seq - 1, 1)?
+        .to_dtype(candle_core::DType::F32)?
         .sqr()?
         .mean_all()?
         .sqrt()?
