@@ -151,18 +151,8 @@ impl Kernels {
         let (grid_x, grid_y) = (blocks.min(65_535), blocks.div_ceil(65_535));
         let (mode, routed) = sel.mode(t);
         let mut launch = self.stream.launch_builder(&self.decode);
-        launch
-            .arg(&t.p)
-            .arg(&t.s)
-            .arg(&t.l)
-            .arg(&t.bases)
-            .arg(routed)
-            .arg(&mode)
-            .arg(&t.rows)
-            .arg(&t.cols)
-            .arg(&t.chunk_rows)
-            .arg(&t.segment)
-            .arg(&mut *out);
+        t.push_common(&mut launch, &mode, routed);
+        launch.arg(&mut *out);
         // SAFETY: the argument list matches `jd_decode_bf16`; every buffer was sized above
         // or at upload, and the kernel reads only within the chunk segments it is given.
         unsafe { launch.launch(grid((grid_x as u32, grid_y as u32), DECODE_THREADS)) }?;
@@ -228,20 +218,11 @@ impl Kernels {
         let (mode, routed) = sel.mode(t);
         let batch = batch as u32;
         let mut launch = self.stream.launch_builder(&self.gemv);
+        t.push_common(&mut launch, &mode, routed);
         launch
-            .arg(&t.p)
-            .arg(&t.s)
-            .arg(&t.l)
-            .arg(&t.bases)
             .arg(&t.esc_start)
             .arg(&t.esc_pos)
             .arg(&t.esc_exp)
-            .arg(routed)
-            .arg(&mode)
-            .arg(&t.rows)
-            .arg(&t.cols)
-            .arg(&t.chunk_rows)
-            .arg(&t.segment)
             .arg(x)
             .arg(&batch)
             .arg(y);
@@ -297,6 +278,27 @@ impl GpuResident {
     /// Weights outside their chunk's exponent window.
     pub fn escape_count(&self) -> usize {
         self.escapes
+    }
+
+    /// The arguments every kernel over a whole tensor starts with: planes, bases, routing
+    /// flags, mode, rows, cols, chunk rows, segment stride.
+    fn push_common<'a>(
+        &'a self,
+        launch: &mut cudarc::driver::LaunchArgs<'a>,
+        mode: &'a i32,
+        routed: &'a CudaSlice<u8>,
+    ) {
+        launch
+            .arg(&self.p)
+            .arg(&self.s)
+            .arg(&self.l)
+            .arg(&self.bases)
+            .arg(routed)
+            .arg(mode)
+            .arg(&self.rows)
+            .arg(&self.cols)
+            .arg(&self.chunk_rows)
+            .arg(&self.segment);
     }
 
     /// Device bytes this tensor holds (planes, bases, escape lists).

@@ -228,10 +228,10 @@ __device__ __forceinline__ void step_mma(const StepData& d, bool ea, bool eb, fl
 // the tensor cores multiply for every batch size up to 8. Requires cols % 32 == 0.
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
 jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
-             const u8* __restrict__ bases, const u32* __restrict__ esc_start,
-             const u32* __restrict__ esc_pos, const u8* __restrict__ esc_exp,
-             const u8* __restrict__ routed, int mode,
+             const u8* __restrict__ bases, const u8* __restrict__ routed, int mode,
              u32 rows, u32 cols, u32 chunk_rows, u64 segment,
+             const u32* __restrict__ esc_start, const u32* __restrict__ esc_pos,
+             const u8* __restrict__ esc_exp,
              const u16* __restrict__ x, u32 batch, u16* __restrict__ y) {
     __shared__ float partial[GEMV_WARPS][TILE_ROWS][MAX_BATCH];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;

@@ -19,7 +19,7 @@ pub(crate) enum WeightStore {
     Compact(TensorView),
     /// On a CUDA device, in the kernels' device layout (BF16 with a k = 12 draft).
     #[cfg(feature = "cuda")]
-    Gpu(crate::gpu::GpuStore),
+    Gpu(Box<crate::gpu::GpuStore>),
 }
 
 #[cfg(feature = "cuda")]

@@ -187,12 +187,12 @@ impl JitSource {
                 }
             };
             let layout = jitdelta_kernels::device_layout::DeviceLayout::from_resident(&r)?;
-            return Ok(WeightStore::Gpu(crate::gpu::GpuStore {
+            return Ok(WeightStore::Gpu(Box::new(crate::gpu::GpuStore {
                 tensor: kernels.upload_layout(&layout)?,
                 low_plane_bytes: layout.l.len(),
                 chunk_rows: r.chunk_rows(),
                 kernels,
-            }));
+            })));
         }
         Ok(WeightStore::Resident(r))
     }
