@@ -1,7 +1,7 @@
 //! The CUDA side: kernels compiled at run time with NVRTC, tensors held on the device.
 
 use crate::device_layout::DeviceLayout;
-use crate::reference::{check_gemv_supported, ChunkSelection};
+use crate::reference::ChunkSelection;
 use crate::{Error, Result};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
@@ -333,9 +333,4 @@ impl GpuSelection {
             Self::Routed(flags) => (2, flags),
         }
     }
-}
-
-/// Checks at upload time what [`Kernels::gemv`] will check per call.
-pub fn gemv_supported(t: &ResidentTensor) -> bool {
-    check_gemv_supported(t).is_ok()
 }

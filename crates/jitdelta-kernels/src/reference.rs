@@ -55,18 +55,6 @@ pub fn check_supported(t: &ResidentTensor) -> Result<()> {
     Ok(())
 }
 
-/// Fails unless the fused GEMV can read `t`: supported layout and `cols % 32 == 0`.
-pub fn check_gemv_supported(t: &ResidentTensor) -> Result<()> {
-    check_supported(t)?;
-    let (_, cols) = t.dims();
-    if cols % 32 != 0 {
-        return Err(Error::Unsupported(format!(
-            "{cols} columns (the fused GEMV needs a multiple of 32)"
-        )));
-    }
-    Ok(())
-}
-
 /// Reference of the decode kernel: every chunk to BF16, exact or draft per `sel`.
 pub fn decode_bf16(t: &ResidentTensor, sel: &ChunkSelection, out: &mut [bf16]) -> Result<()> {
     check_supported(t)?;
