@@ -251,27 +251,35 @@ jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __res
 #if PREFETCH
     StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * STEP_COLS + tig * 32 * LANE_VECS);
 #endif
-    // Escape corrections: the GEMV uses the scaled placeholder (code 0); add (true - placeholder) x.
+    // Escape corrections: the GEMV uses the scaled placeholder (code 0); add (true - placeholder)
+    // * x. One thread per (row, batch) sums its row's escapes in list order (escapes are sorted
+    // by position, so a row's are contiguous): deterministic, and the same whatever the batch.
     __shared__ float corr[TILE_ROWS][MAX_BATCH];
-    if (threadIdx.x < TILE_ROWS * MAX_BATCH) corr[threadIdx.x / MAX_BATCH][threadIdx.x % MAX_BATCH] = 0.f;
-    __syncthreads();
-    const u32 last_row = min(r0 + TILE_ROWS, rows) - 1;
-    for (u32 c = r0 / chunk_rows; c <= last_row / chunk_rows; ++c) {
-        const bool exact = chunk_is_exact(mode, routed, c);
-        const u64 first = (u64)c * chunk_rows * cols;
-        const int delta = (int)bases[c] - SCALED_EXPONENT;
-        for (u32 e = esc_start[c] + threadIdx.x; e < esc_start[c + 1]; e += blockDim.x) {
-            const u64 p = esc_pos[e];
-            const u32 r = (u32)(p / cols), k = (u32)(p % cols);
-            if (r < r0 || r > last_row) continue;
-            const Fields f = fields_at(P, S, L, (u64)c * segment, (u32)(p - first));
-            const float wt = bf16_to_f32(bf16_bits(f, esc_exp[e], exact));
-            const float wp = ldexpf(bf16_to_f32(bf16_bits(f, SCALED_EXPONENT, exact)), delta);
-            for (u32 b = 0; b < batch; ++b) {
-                const float xk = bf16_to_f32(x[(u64)b * cols + k]);
-                atomicAdd(&corr[r - r0][b], wt * xk - wp * xk);
+    if (threadIdx.x < TILE_ROWS * MAX_BATCH) {
+        const u32 r = threadIdx.x / MAX_BATCH, b = threadIdx.x % MAX_BATCH;
+        const u32 row = r0 + r;
+        float sum = 0.f;
+        if (row < rows && b < batch) {
+            const u32 c = row / chunk_rows;
+            const bool exact = chunk_is_exact(mode, routed, c);
+            const u64 first = (u64)c * chunk_rows * cols;
+            const int delta = (int)bases[c] - SCALED_EXPONENT;
+            const u64 row_first = (u64)row * cols, row_end = row_first + cols;
+            u32 lo = esc_start[c], hi = esc_start[c + 1];
+            while (lo < hi) {  // first escape at or after the row's start
+                const u32 mid = (lo + hi) / 2;
+                if ((u64)esc_pos[mid] < row_first) lo = mid + 1; else hi = mid;
+            }
+            for (u32 e = lo; e < esc_start[c + 1] && (u64)esc_pos[e] < row_end; ++e) {
+                const u64 p = esc_pos[e];
+                const Fields f = fields_at(P, S, L, (u64)c * segment, (u32)(p - first));
+                const float wt = bf16_to_f32(bf16_bits(f, esc_exp[e], exact));
+                const float wp = ldexpf(bf16_to_f32(bf16_bits(f, SCALED_EXPONENT, exact)), delta);
+                const float xk = bf16_to_f32(x[(u64)b * cols + (u32)(p - row_first)]);
+                sum += wt * xk - wp * xk;
             }
         }
+        corr[r][b] = sum;
     }
 
     float acc[4] = {0.f, 0.f, 0.f, 0.f};

@@ -61,28 +61,46 @@ impl GpuStore {
         ))
     }
 
-    /// `x @ W^T` for BF16 `x` of shape `(.., cols)`: the fused kernel for up to 8 rows, else a
-    /// decode then a matmul.
+    /// `x @ W^T` for BF16 `x` of shape `(.., cols)`: the fused kernel, 8 rows a launch, for up
+    /// to [`FUSED_MAX_ROWS`] rows (each output column is computed the same way whatever the
+    /// batch, so a speculative verify pass matches single-token steps bit for bit); beyond
+    /// that a decode to BF16 and a cuBLAS matmul.
     pub(crate) fn matmul(&self, x: &Tensor, plan: &Plan) -> candle_core::Result<Tensor> {
         let (rows, cols) = self.tensor.dims();
         let batch = x.elem_count() / cols.max(1);
-        if batch == 0 || batch > MAX_GEMV_BATCH || cols % 32 != 0 {
+        if batch == 0 || batch > FUSED_MAX_ROWS || cols % 32 != 0 {
             let w = self.decode(plan, x.device())?;
             return crate::linear::linear_forward(x, &w, None);
         }
-        let mut x = x.contiguous()?;
-        if x.layout().start_offset() % 8 != 0 {
-            x = x.copy()?; // the kernel loads 16-byte vectors
-        }
         let sel = self.selection(plan)?;
-        x.apply_op1_no_bwd(&FusedGemv {
-            store: self,
-            sel: &sel,
-            rows,
-            cols,
-        })
+        let flat = x.reshape((batch, cols))?;
+        let parts = (0..batch)
+            .step_by(MAX_GEMV_BATCH)
+            .map(|start| {
+                let n = MAX_GEMV_BATCH.min(batch - start);
+                let mut part = flat.narrow(0, start, n)?.contiguous()?;
+                if part.layout().start_offset() % 8 != 0 {
+                    part = part.copy()?; // the kernel loads 16-byte vectors
+                }
+                part.apply_op1_no_bwd(&FusedGemv {
+                    store: self,
+                    sel: &sel,
+                    rows,
+                    cols,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = rows;
+        }
+        Tensor::cat(&parts, 0)?.reshape(dims)
     }
 }
+
+/// Most activation rows the fused kernel takes (in launches of 8) before a layer is decoded for
+/// cuBLAS instead: enough for any speculative verify pass, less than a typical prompt.
+pub(crate) const FUSED_MAX_ROWS: usize = 64;
 
 struct FusedGemv<'a> {
     store: &'a GpuStore,

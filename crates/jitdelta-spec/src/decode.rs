@@ -257,10 +257,17 @@ pub fn generate(
     let mut done = opts.max_new == 0;
     while !done {
         let n = seq.len();
-        let cap = controller
-            .config()
-            .max_draft
-            .min(opts.max_new - stats.tokens - 1);
+        // The first round drafts nothing: the target reads the prompt alone, as plain decoding
+        // does, so its first token comes from the very same pass (a pass of a different length
+        // may round differently and flip a near-tie).
+        let cap = if model.target_len() == 0 {
+            0
+        } else {
+            controller
+                .config()
+                .max_draft
+                .min(opts.max_new - stats.tokens - 1)
+        };
         let (mut drafts, mut draft_probs, mut signals) = (Vec::new(), Vec::new(), Vec::new());
         if cap > 0 {
             let mut row = model.draft(&seq[model.draft_len()..], sampling)?;
