@@ -208,7 +208,12 @@ impl Decoder {
             .to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.cos_sin(offset, seq, &self.device)?;
         let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
-        let mask = self.mask(seq, offset)?;
+        // Per-position blocks attend without a mask.
+        let mask = if per_position(seq, offset) {
+            None
+        } else {
+            self.mask(seq, offset)?
+        };
         let eps = self.cfg.rms_norm_eps as f32;
         let mut hidden = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
@@ -278,12 +283,11 @@ impl Decoder {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?;
-        let total = k.dim(2)?;
-        let y = if seq > 1 && seq <= PER_POSITION_MAX && total > seq {
+        let offset = k.dim(2)? - seq;
+        let y = if per_position(seq, offset) {
             // A short block continuing a sequence (a speculative verify pass): each position
             // attends exactly as a single-token step at that position would (same shapes, no
             // mask), so its output is bit-identical to plain decoding's.
-            let offset = total - seq;
             let rows = (0..seq)
                 .map(|i| {
                     let n = offset + i + 1;
@@ -327,3 +331,9 @@ impl Decoder {
 
 /// Longest block attended position by position (see `attention`): speculative verify passes.
 const PER_POSITION_MAX: usize = 32;
+
+/// Whether `seq` queries at `offset` attend position by position: a short block that continues
+/// a sequence.
+fn per_position(seq: usize, offset: usize) -> bool {
+    seq > 1 && seq <= PER_POSITION_MAX && offset > 0
+}

@@ -1,6 +1,44 @@
 //! Causal language models written against [`LayerSource`]: Llama (SmolLM2, Llama 2/3,
 //! Mistral) and Qwen2.
 
+/// `CausalLm` for a model struct that wraps a `decoder: Decoder` (every architecture here).
+macro_rules! decoder_causal_lm {
+    ($model:ty) => {
+        impl CausalLm for $model {
+            fn info(&self) -> &ModelInfo {
+                self.decoder.info()
+            }
+
+            fn device(&self) -> &Device {
+                self.decoder.device()
+            }
+
+            fn forward(
+                &self,
+                tokens: &Tensor,
+                offset: usize,
+                cache: &mut KvCache,
+                logits: Logits,
+            ) -> Result<Tensor> {
+                Ok(self
+                    .decoder
+                    .forward(tokens, offset, cache, logits, false)?
+                    .logits)
+            }
+
+            fn forward_with_hidden(
+                &self,
+                tokens: &Tensor,
+                offset: usize,
+                cache: &mut KvCache,
+                logits: Logits,
+            ) -> Result<ForwardOutput> {
+                self.decoder.forward(tokens, offset, cache, logits, true)
+            }
+        }
+    };
+}
+
 mod config;
 mod decoder;
 pub mod llama;

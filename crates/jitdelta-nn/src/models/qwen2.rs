@@ -150,35 +150,4 @@ impl Qwen2 {
     }
 }
 
-impl CausalLm for Qwen2 {
-    fn info(&self) -> &ModelInfo {
-        self.decoder.info()
-    }
-
-    fn device(&self) -> &Device {
-        self.decoder.device()
-    }
-
-    fn forward(
-        &self,
-        tokens: &Tensor,
-        offset: usize,
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        Ok(self
-            .decoder
-            .forward(tokens, offset, cache, logits, false)?
-            .logits)
-    }
-
-    fn forward_with_hidden(
-        &self,
-        tokens: &Tensor,
-        offset: usize,
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<ForwardOutput> {
-        self.decoder.forward(tokens, offset, cache, logits, true)
-    }
-}
+decoder_causal_lm!(Qwen2);
