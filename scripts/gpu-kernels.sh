@@ -4,6 +4,9 @@
 #                                  # gpu-bin/ and compress MiniLM BF16 (real weights) to gpu-bin/
 #   scripts/gpu-kernels.sh run     # on the GPU machine (device tool, carry gpu-bin): tests, then
 #                                  # the benchmark; logs and JSON go to $OUT (or gpu-out/)
+#   scripts/gpu-kernels.sh variants "LANE_VECS=1 GEMV_STAGES=4" "GEMV_WARPS=4" ...
+#                                  # on the GPU machine: tests and benchmark per set of kernel
+#                                  # defines (kernels.cu tuning knobs), one JSON each
 # The build half needs the CUDA toolkit recipe in ../shared/gpu/cuda-build-env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +39,28 @@ run)
     JITDELTA_KERNEL_JD=gpu-bin/minilm-bf16.jd ./gpu-bin/kernels-gpu-tests --test-threads 1 2>&1 | tee "$out/tests.log"
     ./gpu-bin/kernel_bench --jd gpu-bin/minilm-bf16.jd --json "$out/kernel-bench.json" "${@:2}" 2>&1 | tee "$out/kernel-bench.log"
     ;;
+variants)
+    out="${OUT:-gpu-out}"
+    mkdir -p "$out"
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    i=0
+    for defines in "${@:2}"; do
+        i=$((i + 1))
+        echo "== variant $i: ${defines:-defaults}" | tee -a "$out/variants.log"
+        JITDELTA_KERNEL_DEFINES="$defines" JITDELTA_KERNEL_JD=gpu-bin/minilm-bf16.jd \
+            ./gpu-bin/kernels-gpu-tests --test-threads 1 >"$out/tests-$i.log" 2>&1 &&
+            echo "tests passed" | tee -a "$out/variants.log" ||
+            { echo "TESTS FAILED" | tee -a "$out/variants.log"; tail -30 "$out/tests-$i.log"; continue; }
+        flags=()
+        for d in $defines; do flags+=(--define "$d"); done
+        ./gpu-bin/kernel_bench --jd gpu-bin/minilm-bf16.jd --json "$out/bench-$i.json" "${flags[@]}" \
+            >"$out/bench-$i.log" 2>&1 || echo "BENCH FAILED" | tee -a "$out/variants.log"
+        tail -12 "$out/bench-$i.log" | tee -a "$out/variants.log"
+    done
+    ;;
 *)
-    echo "usage: $0 build|run [kernel_bench args]" >&2
+    echo "usage: $0 build|run [kernel_bench args]|variants [DEFINES]..." >&2
     exit 2
     ;;
 esac

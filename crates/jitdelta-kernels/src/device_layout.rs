@@ -59,6 +59,39 @@ pub struct DeviceLayout {
     pub escape_pos: Vec<u32>,
     /// True exponent of each escape.
     pub escape_exponent: Vec<u8>,
+    /// Index of each row's first escape (`rows + 1` entries), so a GEMV finds a row's
+    /// escapes with one load instead of a search.
+    pub escape_row_start: Vec<u32>,
+    /// Per escape, what a GEMV adds per unit of activation to correct the scaled placeholder
+    /// it multiplied: `true − placeholder · 2^(base − SCALED_EXPONENT)` for an exact chunk,
+    /// then for a draft chunk (f32, rounded once from f64).
+    pub escape_correction: Vec<[f32; 2]>,
+}
+
+/// A value's fields as the device layout stores them.
+#[derive(Clone, Copy, Debug)]
+struct Fields {
+    sign: u32,
+    code: u32,
+    m3: u32,
+    l4: u32,
+}
+
+impl Fields {
+    /// BF16 bits with exponent `e`; a draft gets the bucket midpoint in the low bits except
+    /// for exponents 0 and 255 (the CPU decoder's rule).
+    fn bf16_bits(self, e: u32, exact: bool) -> u16 {
+        let lo = match (exact, e) {
+            (true, _) => self.l4,
+            (false, 0 | 255) => 0,
+            (false, _) => 8,
+        };
+        (self.sign << 15 | e << 7 | self.m3 << 4 | lo) as u16
+    }
+}
+
+fn bf16_value(bits: u16) -> f64 {
+    f32::from_bits((bits as u32) << 16) as f64
 }
 
 struct ChunkPlanes {
@@ -141,6 +174,8 @@ impl DeviceLayout {
             escape_start: vec![0],
             escape_pos: Vec::new(),
             escape_exponent: Vec::new(),
+            escape_row_start: Vec::new(),
+            escape_correction: Vec::new(),
         };
         for ch in chunks {
             out.p.extend_from_slice(&ch.p);
@@ -152,7 +187,51 @@ impl DeviceLayout {
             }
             out.escape_start.push(out.escape_pos.len() as u32);
         }
+        out.escape_row_start = (0..=rows)
+            .map(|r| out.escape_pos.partition_point(|&p| (p as usize) < r * cols) as u32)
+            .collect();
+        out.escape_correction = (0..out.escape_pos.len())
+            .map(|k| out.correction(k))
+            .collect();
         Ok(out)
+    }
+
+    /// The fields of flat value `index` as stored (code 0 for an escape).
+    fn fields(&self, index: usize) -> Fields {
+        let (_, cols, chunk_rows) = self.dims;
+        let c = index / (chunk_rows * cols);
+        let i = index - c * chunk_rows * cols;
+        let (group, v) = (i / 8, i % 8);
+        let q = group * 8 + nibble_position(v);
+        let at = c * self.segment;
+        let p = nib(&self.p[at..], q) as u32;
+        let sbyte = self.s[at + group * 4 + v % 4] as u32;
+        let (sign, c3) = if v < 4 {
+            (sbyte >> 7, sbyte & 7)
+        } else {
+            ((sbyte >> 6) & 1, (sbyte >> 3) & 7)
+        };
+        Fields {
+            sign,
+            code: c3 << 1 | p >> 3,
+            m3: p & 7,
+            l4: nib(&self.l[at..], q) as u32,
+        }
+    }
+
+    /// [`DeviceLayout::escape_correction`] of escape `k`.
+    fn correction(&self, k: usize) -> [f32; 2] {
+        let (_, cols, chunk_rows) = self.dims;
+        let index = self.escape_pos[k] as usize;
+        let f = self.fields(index);
+        let base = self.bases[index / (chunk_rows * cols)] as i32;
+        let scale = 2f64.powi(base - SCALED_EXPONENT as i32);
+        let e = self.escape_exponent[k] as u32;
+        [true, false].map(|exact| {
+            let truth = bf16_value(f.bf16_bits(e, exact));
+            let placeholder = bf16_value(f.bf16_bits(SCALED_EXPONENT, exact)) * scale;
+            (truth - placeholder) as f32
+        })
     }
 
     /// Bytes held: planes, bases and escape lists.
@@ -162,7 +241,8 @@ impl DeviceLayout {
             + self.l.len()
             + self.bases.len()
             + 4 * self.escape_start.len()
-            + 5 * self.escape_pos.len()
+            + 4 * self.escape_row_start.len()
+            + 13 * self.escape_pos.len()
     }
 
     /// Exact BF16 bits of flat value `index`, read back from the device layout the way the
@@ -170,24 +250,12 @@ impl DeviceLayout {
     pub fn exact_bits(&self, index: usize) -> u16 {
         let (_, cols, chunk_rows) = self.dims;
         let c = index / (chunk_rows * cols);
-        let i = index - c * chunk_rows * cols;
-        let (group, v) = (i / 8, i % 8);
-        let q = group * 8 + nibble_position(v);
-        let at = c * self.segment;
-        let p = nib(&self.p[at..], q) as u32;
-        let l = nib(&self.l[at..], q) as u32;
-        let sbyte = self.s[at + group * 4 + v % 4] as u32;
-        let (sign, c3) = if v < 4 {
-            (sbyte >> 7, sbyte & 7)
-        } else {
-            ((sbyte >> 6) & 1, (sbyte >> 3) & 7)
-        };
-        let code = c3 << 1 | p >> 3;
+        let f = self.fields(index);
         let range = self.escape_start[c] as usize..self.escape_start[c + 1] as usize;
         let e = match self.escape_pos[range.clone()].binary_search(&(index as u32)) {
             Ok(k) => self.escape_exponent[range.start + k] as u32,
-            Err(_) => self.bases[c] as u32 + code,
+            Err(_) => self.bases[c] as u32 + f.code,
         };
-        (sign << 15 | e << 7 | (p & 7) << 4 | l) as u16
+        f.bf16_bits(e, true)
     }
 }

@@ -9,6 +9,9 @@ pub enum Error {
     /// A buffer or argument does not match the tensor.
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// A tuning define (`-DNAME=value`) has a value that is not a number.
+    #[error("kernel define {0}")]
+    Define(String),
     /// Decoding on the CPU failed.
     #[error(transparent)]
     Format(#[from] jitdelta_format::Error),

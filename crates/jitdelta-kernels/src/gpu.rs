@@ -3,6 +3,7 @@
 use crate::device_layout::DeviceLayout;
 use crate::reference::ChunkSelection;
 use crate::{Error, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
 };
@@ -17,6 +18,8 @@ pub const MAX_GEMV_BATCH: usize = 8;
 const GEMV_TILE_ROWS: usize = 16;
 const GEMV_WARPS: u32 = 8;
 const DECODE_THREADS: u32 = 256;
+/// Shared memory per warp and pipeline stage of the cp.async GEMV: 3 planes x 16 rows x 128 bytes.
+const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 
 /// The compiled kernels, bound to one stream.
 #[derive(Debug)]
@@ -26,6 +29,7 @@ pub struct Kernels {
     patch: CudaFunction,
     gemv: CudaFunction,
     gemv_threads: u32,
+    gemv_smem: u32,
 }
 
 impl Kernels {
@@ -54,19 +58,24 @@ impl Kernels {
             },
         )?;
         let module = ctx.load_module(ptx)?;
-        // The block size must match the kernel's GEMV_WARPS.
-        let warps = defines
-            .iter()
-            .find_map(|d| d.strip_prefix("GEMV_WARPS="))
-            .map(|w| w.parse::<u32>())
-            .transpose()
-            .map_err(|e| Error::Shape(format!("GEMV_WARPS: {e}")))?
-            .unwrap_or(GEMV_WARPS);
+        // The launch shape must match the kernel's GEMV_WARPS and GEMV_STAGES.
+        let warps = define_value(defines, "GEMV_WARPS")?.unwrap_or(GEMV_WARPS);
+        let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
+        let gemv = module.load_function("jd_gemv_bf16")?;
+        let gemv_smem = stages * warps * GEMV_SLOT_BYTES;
+        if gemv_smem > 48 * 1024 {
+            gemv.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                gemv_smem as i32,
+            )?;
+        }
         Ok(Self {
-            gemv_threads: warps * 32,
+            // One more warp computes the escape corrections.
+            gemv_threads: (warps + 1) * 32,
+            gemv_smem,
             decode: module.load_function("jd_decode_bf16")?,
             patch: module.load_function("jd_patch_escapes")?,
-            gemv: module.load_function("jd_gemv_bf16")?,
+            gemv,
             stream,
         })
     }
@@ -104,6 +113,12 @@ impl Kernels {
                 &d.escape_pos[..]
             })?,
             esc_exp: s.clone_htod(&some_u8(&d.escape_exponent))?,
+            esc_row_start: s.clone_htod(&d.escape_row_start)?,
+            esc_corr: s.clone_htod(&if d.escape_correction.is_empty() {
+                vec![0.0; 2]
+            } else {
+                d.escape_correction.concat()
+            })?,
             escapes: d.escape_pos.len(),
         })
     }
@@ -220,16 +235,18 @@ impl Kernels {
         let mut launch = self.stream.launch_builder(&self.gemv);
         t.push_common(&mut launch, &mode, routed);
         launch
-            .arg(&t.esc_start)
+            .arg(&t.esc_row_start)
             .arg(&t.esc_pos)
-            .arg(&t.esc_exp)
+            .arg(&t.esc_corr)
             .arg(x)
             .arg(&batch)
             .arg(y);
         let blocks = rows.div_ceil(GEMV_TILE_ROWS) as u32;
         // SAFETY: the argument list matches `jd_gemv_bf16`; sizes were checked above, rows are
         // 16-byte aligned because cols % 32 == 0, and the kernel masks rows past the end.
-        unsafe { launch.launch(grid((blocks, 1), self.gemv_threads)) }?;
+        let mut config = grid((blocks, 1), self.gemv_threads);
+        config.shared_mem_bytes = self.gemv_smem;
+        unsafe { launch.launch(config) }?;
         Ok(())
     }
 }
@@ -240,6 +257,16 @@ fn grid((x, y): (u32, u32), threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The value of `-DNAME=value` among `defines`, if given.
+fn define_value(defines: &[&str], name: &str) -> Result<Option<u32>> {
+    defines
+        .iter()
+        .find_map(|d| d.strip_prefix(name)?.strip_prefix('='))
+        .map(|v| v.parse::<u32>())
+        .transpose()
+        .map_err(|e| Error::Define(format!("{name}: {e}")))
 }
 
 fn to_u32(v: usize, what: &str) -> Result<u32> {
@@ -261,6 +288,8 @@ pub struct GpuResident {
     esc_start: CudaSlice<u32>,
     esc_pos: CudaSlice<u32>,
     esc_exp: CudaSlice<u8>,
+    esc_row_start: CudaSlice<u32>,
+    esc_corr: CudaSlice<f32>,
     escapes: usize,
 }
 
@@ -301,7 +330,7 @@ impl GpuResident {
             .arg(&self.segment);
     }
 
-    /// Device bytes this tensor holds (planes, bases, escape lists).
+    /// Device bytes this tensor holds (planes, bases, escape lists and indexes).
     pub fn bytes_held(&self) -> usize {
         self.p.num_bytes()
             + self.s.num_bytes()
@@ -310,6 +339,8 @@ impl GpuResident {
             + self.esc_start.num_bytes()
             + self.esc_pos.num_bytes()
             + self.esc_exp.num_bytes()
+            + self.esc_row_start.num_bytes()
+            + self.esc_corr.num_bytes()
     }
 }
 

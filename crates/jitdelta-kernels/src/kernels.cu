@@ -148,9 +148,11 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const
 #endif
 #define TILE_ROWS 16
 #define MAX_BATCH 8
-// Blocks per SM the register allocation must allow (-DGEMV_MIN_BLOCKS=n).
+// Blocks per SM the register allocation must allow (-DGEMV_MIN_BLOCKS=n). 2 caps the
+// registers at 96 (a few bytes spill) and doubles the warps in flight: +5-15% on H100, most
+// at batch 8 and for the draft (docs/benchmarks.md).
 #ifndef GEMV_MIN_BLOCKS
-#define GEMV_MIN_BLOCKS 1
+#define GEMV_MIN_BLOCKS 2
 #endif
 
 // Tuning knobs: 16-byte vectors per plane and row a lane loads per step (-DLANE_VECS=1|2), and
@@ -178,6 +180,10 @@ __device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8
     StepData d;
 #pragma unroll
     for (int j = 0; j < LANE_VECS; ++j) {
+        // Lane tig covers columns [64 tig, 64 tig + 64) of the step: vector j of the 4 lanes of
+        // a row then touches every sector of the row's 128-byte line (one request per line; the
+        // other half of each sector hits L1 for the next vector), measurably faster than two
+        // 64-byte requests.
         const u32 c = col + 32 * j;
         const bool in = c < cols;
         const u64 oa = row_a + c / 2, ob = row_b + c / 2;
@@ -221,86 +227,219 @@ __device__ __forceinline__ void step_mma(const StepData& d, bool ea, bool eb, fl
     }
 }
 
+// Tuning knob: -DGEMV_STAGES=n (n >= 2) streams the planes through a per-warp ring of n steps
+// in shared memory with cp.async instead of registers: n steps of loads in flight per warp at
+// little register cost, and the copies are shaped for DRAM (each instruction moves 4 whole
+// 128-byte row lines per plane) independently of the mma fragment layout. The host sizes the
+// dynamic shared memory from the same define. 0 = load into registers.
+#ifndef GEMV_STAGES
+#define GEMV_STAGES 0
+#endif
+#if GEMV_STAGES
+#if LANE_VECS != 2
+#error "GEMV_STAGES needs LANE_VECS=2 (a 256-column step, 128 bytes a row and plane)"
+#endif
+// A stage of one warp: [plane P, S, L][row 0..15][8 chunks of 16 bytes], chunk c of row r
+// stored at c ^ (r & 7) so the fragment reads (rows g and g + 8, chunks 2 tig + j) are free
+// of bank conflicts.
+#define STAGE_CHUNKS (3 * TILE_ROWS * 8)
+
+__device__ __forceinline__ void cp_async16(uint4* dst, const void* src, bool fill) {
+    const u32 to = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(src), "r"(fill ? 16 : 0));
+}
+
+// The 4 rows this lane copies (rows 4 i + lane / 8 of the tile): byte offset of the row in a
+// plane, whether it exists and whether its chunk is exact.
+struct CopyRows {
+    u64 at[4];
+    bool valid[4], exact[4];
+};
+
+__device__ __forceinline__ CopyRows copy_rows(u32 r0, u32 lane, u32 rows, u32 cols, u32 chunk_rows,
+                                              u64 segment, int mode, const u8* __restrict__ routed) {
+    CopyRows c;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = r0 + 4 * i + lane / 8;
+        const u32 ch = r < rows ? r / chunk_rows : 0u;
+        c.valid[i] = r < rows;
+        c.exact[i] = c.valid[i] && chunk_is_exact(mode, routed, ch);
+        c.at[i] = (u64)ch * segment + (u64)(r - ch * chunk_rows) * (cols / 2);
+    }
+    return c;
+}
+
+// Copies step `s` (256 columns) of the tile into `stage`: lane copies chunk lane % 8 of rows
+// 4 i + lane / 8, i = 0..3, of each plane (L only for exact rows).
+__device__ __forceinline__ void issue_step(uint4* stage, u32 lane, const CopyRows& rows,
+                                           const u8* __restrict__ P, const u8* __restrict__ S,
+                                           const u8* __restrict__ L, u32 cols, u32 s) {
+    const u32 chunk = lane & 7u;
+    const bool in = s * STEP_COLS + chunk * 32 < cols;
+    const u64 col_byte = (u64)s * (STEP_COLS / 2) + chunk * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = 4 * i + lane / 8;
+        const u32 slot = r * 8 + (chunk ^ (r & 7u));
+        const bool fill = in && rows.valid[i];
+        const u64 at = fill ? rows.at[i] + col_byte : 0;
+        cp_async16(stage + slot, P + at, fill);
+        cp_async16(stage + TILE_ROWS * 8 + slot, S + at, fill);
+        if (rows.exact[i]) cp_async16(stage + 2 * TILE_ROWS * 8 + slot, L + at, in);
+    }
+}
+
+// This lane's fragment data of a stage (rows g and g + 8, chunks 2 tig + j) and activations.
+__device__ __forceinline__ StepData read_step(const uint4* stage, u32 g, u32 tig, bool ea, bool eb,
+                                              const u16* __restrict__ xrow, bool has_x, u32 cols, u32 col) {
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    StepData d;
+#pragma unroll
+    for (int j = 0; j < LANE_VECS; ++j) {
+        const u32 c = col + 32 * j;
+        const bool in = c < cols;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            d.x[4 * j + q] = (in && has_x) ? __ldg(reinterpret_cast<const uint4*>(xrow + c) + q) : z;
+        const u32 sa = g * 8 + ((2 * tig + j) ^ g), sb = sa + 8 * 8;
+        d.pa[j] = stage[sa];
+        d.sa[j] = stage[TILE_ROWS * 8 + sa];
+        d.la[j] = ea ? stage[2 * TILE_ROWS * 8 + sa] : z;
+        d.pb[j] = stage[sb];
+        d.sb[j] = stage[TILE_ROWS * 8 + sb];
+        d.lb[j] = eb ? stage[2 * TILE_ROWS * 8 + sb] : z;
+    }
+    return d;
+}
+#endif
+
+// Escape corrections of one 16-row tile, by one warp while the others stream the planes: the
+// GEMV multiplied each escape's scaled placeholder (code 0), so add corr * x per escape, with
+// corr precomputed at upload (exact or draft per chunk). Lanes take 32 escapes at a time; then
+// lane r (< 16) adds its row's products in list order, so a (row, batch) sum is the same for
+// every batch size and every call.
+__device__ __forceinline__ void escape_corrections(
+        const u32* __restrict__ esc_row_start, const u32* __restrict__ esc_pos,
+        const float2* __restrict__ esc_corr, const u8* __restrict__ routed, int mode,
+        u32 rows, u32 cols, u32 chunk_rows, u32 r0, const u16* __restrict__ x, u32 batch,
+        u32 lane, float (*corr)[MAX_BATCH]) {
+    __shared__ float prod[32][MAX_BATCH];
+    __shared__ u32 prow[32];
+    const u32 first = esc_row_start[r0], last = esc_row_start[min(r0 + TILE_ROWS, rows)];
+    float mine[MAX_BATCH];
+#pragma unroll
+    for (int b = 0; b < MAX_BATCH; ++b) mine[b] = 0.f;
+    for (u32 at = first; at < last; at += 32) {
+        const u32 e = at + lane;
+        u32 r = TILE_ROWS;
+        if (e < last) {
+            const u32 pos = esc_pos[e];
+            const u32 row = pos / cols;
+            r = row - r0;
+            const float2 c = esc_corr[e];
+            const float w = chunk_is_exact(mode, routed, row / chunk_rows) ? c.x : c.y;
+            const u16* xk = x + (pos - row * cols);
+#pragma unroll
+            for (int b = 0; b < MAX_BATCH; ++b)
+                if (b < batch) prod[lane][b] = w * bf16_to_f32(xk[(u64)b * cols]);
+        }
+        prow[lane] = r;
+        __syncwarp();
+        if (lane < TILE_ROWS) {
+            const u32 n = min(32u, last - at);
+            for (u32 k = 0; k < n; ++k) {
+                if (prow[k] != lane) continue;
+#pragma unroll
+                for (int b = 0; b < MAX_BATCH; ++b) mine[b] += prod[k][b];
+            }
+        }
+        __syncwarp();
+    }
+    if (lane < TILE_ROWS) {
+#pragma unroll
+        for (int b = 0; b < MAX_BATCH; ++b) corr[lane][b] = mine[b];
+    }
+}
+
 // Fused decode + GEMV/GEMM for 1..8 activation rows: y[b][r] = sum_k W[r][k] x[b][k].
-// A block owns 16 weight rows; its 8 warps split the columns. Each lane decodes 32 values of
-// two rows (g and g + 8) per step straight into mma.m16n8k16 A fragments (consecutive column
-// pairs, so the activations load as they are), so decoded weights never leave registers and
-// the tensor cores multiply for every batch size up to 8. Requires cols % 32 == 0.
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
+// A block owns 16 weight rows; its GEMV_WARPS warps split the columns and one more warp
+// computes the escape corrections. Each lane decodes 32 values of two rows (g and g + 8) per
+// step straight into mma.m16n8k16 A fragments (consecutive column pairs, so the activations
+// load as they are), so decoded weights never leave registers and the tensor cores multiply
+// for every batch size up to 8. Requires cols % 32 == 0.
+extern "C" __global__ void __launch_bounds__((GEMV_WARPS + 1) * 32, GEMV_MIN_BLOCKS)
 jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
              const u8* __restrict__ bases, const u8* __restrict__ routed, int mode,
              u32 rows, u32 cols, u32 chunk_rows, u64 segment,
-             const u32* __restrict__ esc_start, const u32* __restrict__ esc_pos,
-             const u8* __restrict__ esc_exp,
+             const u32* __restrict__ esc_row_start, const u32* __restrict__ esc_pos,
+             const float2* __restrict__ esc_corr,
              const u16* __restrict__ x, u32 batch, u16* __restrict__ y) {
     __shared__ float partial[GEMV_WARPS][TILE_ROWS][MAX_BATCH];
-    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    const u32 g = lane >> 2, tig = lane & 3u;
-    const u32 r0 = blockIdx.x * TILE_ROWS;
-
-    const u32 ra = r0 + g, rb = r0 + g + 8;
-    const bool va = ra < rows, vb = rb < rows;
-    const u32 ca = va ? ra / chunk_rows : 0u, cb = vb ? rb / chunk_rows : 0u;
-    const bool ea = va && chunk_is_exact(mode, routed, ca), eb = vb && chunk_is_exact(mode, routed, cb);
-    const u64 row_a = (u64)ca * segment + (u64)(ra - ca * chunk_rows) * (cols / 2);
-    const u64 row_b = (u64)cb * segment + (u64)(rb - cb * chunk_rows) * (cols / 2);
-    const bool has_x = g < batch;
-    const u16* xrow = x + (u64)(has_x ? g : 0u) * cols;
-
-    // The first step's loads go out before the escape scan so their latency overlaps it.
-#if PREFETCH
-    StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * STEP_COLS + tig * 32 * LANE_VECS);
-#endif
-    // Escape corrections: the GEMV uses the scaled placeholder (code 0); add (true - placeholder)
-    // * x. One thread per (row, batch) sums its row's escapes in list order (escapes are sorted
-    // by position, so a row's are contiguous): deterministic, and the same whatever the batch.
     __shared__ float corr[TILE_ROWS][MAX_BATCH];
-    if (threadIdx.x < TILE_ROWS * MAX_BATCH) {
-        const u32 r = threadIdx.x / MAX_BATCH, b = threadIdx.x % MAX_BATCH;
-        const u32 row = r0 + r;
-        float sum = 0.f;
-        if (row < rows && b < batch) {
-            const u32 c = row / chunk_rows;
-            const bool exact = chunk_is_exact(mode, routed, c);
-            const u64 first = (u64)c * chunk_rows * cols;
-            const int delta = (int)bases[c] - SCALED_EXPONENT;
-            const u64 row_first = (u64)row * cols, row_end = row_first + cols;
-            u32 lo = esc_start[c], hi = esc_start[c + 1];
-            while (lo < hi) {  // first escape at or after the row's start
-                const u32 mid = (lo + hi) / 2;
-                if ((u64)esc_pos[mid] < row_first) lo = mid + 1; else hi = mid;
-            }
-            for (u32 e = lo; e < esc_start[c + 1] && (u64)esc_pos[e] < row_end; ++e) {
-                const u64 p = esc_pos[e];
-                const Fields f = fields_at(P, S, L, (u64)c * segment, (u32)(p - first));
-                const float wt = bf16_to_f32(bf16_bits(f, esc_exp[e], exact));
-                const float wp = ldexpf(bf16_to_f32(bf16_bits(f, SCALED_EXPONENT, exact)), delta);
-                const float xk = bf16_to_f32(x[(u64)b * cols + (u32)(p - row_first)]);
-                sum += wt * xk - wp * xk;
-            }
-        }
-        corr[r][b] = sum;
-    }
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 r0 = blockIdx.x * TILE_ROWS;
+    if (warp == GEMV_WARPS) {
+        escape_corrections(esc_row_start, esc_pos, esc_corr, routed, mode, rows, cols, chunk_rows,
+                           r0, x, batch, lane, corr);
+    } else {
+        const u32 g = lane >> 2, tig = lane & 3u;
+        const u32 ra = r0 + g, rb = r0 + g + 8;
+        const bool va = ra < rows, vb = rb < rows;
+        const u32 ca = va ? ra / chunk_rows : 0u, cb = vb ? rb / chunk_rows : 0u;
+        const bool ea = va && chunk_is_exact(mode, routed, ca), eb = vb && chunk_is_exact(mode, routed, cb);
+        const u64 row_a = (u64)ca * segment + (u64)(ra - ca * chunk_rows) * (cols / 2);
+        const u64 row_b = (u64)cb * segment + (u64)(rb - cb * chunk_rows) * (cols / 2);
+        const bool has_x = g < batch;
+        const u16* xrow = x + (u64)(has_x ? g : 0u) * cols;
 
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    const u32 steps = (cols + STEP_COLS - 1) / STEP_COLS;
-    // A padded row (beyond `rows`) decodes zero planes to small finite values; its output is
-    // never stored.
-    for (u32 s = warp; s < steps; s += GEMV_WARPS) {
-#if PREFETCH
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const u32 steps = (cols + STEP_COLS - 1) / STEP_COLS;
+        // A padded row (beyond `rows`) decodes zero planes to small finite values; its output
+        // is never stored.
+#if GEMV_STAGES
+        extern __shared__ uint4 ring[];  // [warp][stage][STAGE_CHUNKS]
+        uint4* mine = ring + (u64)warp * GEMV_STAGES * STAGE_CHUNKS;
+        const CopyRows copy = copy_rows(r0, lane, rows, cols, chunk_rows, segment, mode, routed);
+        const u32 n = warp < steps ? (steps - warp + GEMV_WARPS - 1) / GEMV_WARPS : 0u;
+#pragma unroll
+        for (u32 i = 0; i + 1 < GEMV_STAGES; ++i) {
+            if (i < n) issue_step(mine + i * STAGE_CHUNKS, lane, copy, P, S, L, cols, warp + i * GEMV_WARPS);
+            asm volatile("cp.async.commit_group;\n");
+        }
+        for (u32 i = 0; i < n; ++i) {
+            const u32 ahead = i + GEMV_STAGES - 1;
+            if (ahead < n)
+                issue_step(mine + (ahead % GEMV_STAGES) * STAGE_CHUNKS, lane, copy, P, S, L, cols,
+                           warp + ahead * GEMV_WARPS);
+            asm volatile("cp.async.commit_group;\n");
+            asm volatile("cp.async.wait_group %0;\n" ::"n"(GEMV_STAGES - 1));
+            // Other lanes copied this lane's data: wait for theirs too.
+            __syncwarp();
+            step_mma(read_step(mine + (i % GEMV_STAGES) * STAGE_CHUNKS, g, tig, ea, eb, xrow, has_x, cols,
+                               (warp + i * GEMV_WARPS) * STEP_COLS + tig * 64),
+                     ea, eb, acc);
+            // The stage is refilled next iteration: every lane must have read it.
+            __syncwarp();
+        }
+#elif PREFETCH
         // Software pipeline: the next step's loads go out while this one decodes.
-        const StepData nxt = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols,
-                                       (s + GEMV_WARPS) * STEP_COLS + tig * 32 * LANE_VECS);
-        step_mma(cur, ea, eb, acc);
-        cur = nxt;
+        StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * STEP_COLS + tig * 64);
+        for (u32 s = warp; s < steps; s += GEMV_WARPS) {
+            const StepData nxt = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols,
+                                           (s + GEMV_WARPS) * STEP_COLS + tig * 64);
+            step_mma(cur, ea, eb, acc);
+            cur = nxt;
+        }
 #else
-        step_mma(load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, s * STEP_COLS + tig * 32 * LANE_VECS), ea, eb, acc);
+        for (u32 s = warp; s < steps; s += GEMV_WARPS)
+            step_mma(load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, s * STEP_COLS + tig * 64), ea, eb, acc);
 #endif
+        partial[warp][g][2 * tig] = acc[0];
+        partial[warp][g][2 * tig + 1] = acc[1];
+        partial[warp][g + 8][2 * tig] = acc[2];
+        partial[warp][g + 8][2 * tig + 1] = acc[3];
     }
-    partial[warp][g][2 * tig] = acc[0];
-    partial[warp][g][2 * tig + 1] = acc[1];
-    partial[warp][g + 8][2 * tig] = acc[2];
-    partial[warp][g + 8][2 * tig + 1] = acc[3];
     __syncthreads();
     if (threadIdx.x < TILE_ROWS * MAX_BATCH) {
         const u32 r = threadIdx.x / MAX_BATCH, b = threadIdx.x % MAX_BATCH;

@@ -2,7 +2,7 @@
 
 use half::bf16;
 use jitdelta_format::{FloatFormat, ResidentTensor};
-use jitdelta_kernels::device_layout::DeviceLayout;
+use jitdelta_kernels::device_layout::{DeviceLayout, SCALED_EXPONENT};
 use jitdelta_kernels::reference::{decode_bf16, ChunkSelection};
 use proptest::prelude::*;
 
@@ -17,15 +17,55 @@ fn check(bits: &[u16], rows: usize, cols: usize, chunk_rows: usize) {
     )
     .unwrap();
     let d = DeviceLayout::from_resident(&t).unwrap();
+    let added = d.escape_pos.len() - t.escape_count();
     assert_eq!(
         d.bytes_held(),
-        t.bytes_held() + 5 * (d.escape_pos.len() - t.escape_count())
+        t.bytes_held() + 5 * added + 8 * d.escape_pos.len() + 4 * (rows + 1)
     );
+    check_escape_index(&d, bits, rows, cols, chunk_rows);
     let mut want = vec![bf16::ZERO; rows * cols];
     decode_bf16(&t, &ChunkSelection::Exact, &mut want).unwrap();
     for (i, w) in want.iter().enumerate() {
         assert_eq!(d.exact_bits(i), w.to_bits(), "value {i}");
         assert_eq!(w.to_bits(), bits[i], "value {i}");
+    }
+}
+
+/// The per-row escape index and the GEMV corrections: a placeholder read at the scaled
+/// exponent, rescaled, plus its correction gives the true (exact) weight.
+fn check_escape_index(d: &DeviceLayout, bits: &[u16], rows: usize, cols: usize, chunk_rows: usize) {
+    assert_eq!(d.escape_row_start.len(), rows + 1);
+    assert_eq!(d.escape_correction.len(), d.escape_pos.len());
+    for r in 0..rows {
+        let listed = d.escape_row_start[r] as usize..d.escape_row_start[r + 1] as usize;
+        let in_row = d
+            .escape_pos
+            .iter()
+            .filter(|&&p| (p as usize) / cols == r)
+            .count();
+        assert_eq!(listed.len(), in_row, "row {r}");
+        assert!(d.escape_pos[listed].iter().all(|&p| p as usize / cols == r));
+    }
+    for (k, &pos) in d.escape_pos.iter().enumerate() {
+        let (pos, corr) = (pos as usize, d.escape_correction[k][0] as f64);
+        let truth = f32::from_bits((bits[pos] as u32) << 16) as f64;
+        // The stored placeholder: this value's fields with the scaled exponent (code 0).
+        let scaled = (bits[pos] & 0x807F) | ((SCALED_EXPONENT as u16) << 7);
+        let base = d.bases[pos / (chunk_rows * cols)] as i32;
+        let placeholder =
+            f32::from_bits((scaled as u32) << 16) as f64 * 2f64.powi(base - SCALED_EXPONENT as i32);
+        let restored = placeholder + corr;
+        if truth.is_nan() {
+            assert!(corr.is_nan(), "escape {k}");
+        } else if truth.is_infinite() {
+            assert_eq!(corr, truth, "escape {k}");
+        } else {
+            let tol = truth.abs() * 2f64.powi(-24) + placeholder.abs() * 2f64.powi(-24);
+            assert!(
+                (restored - truth).abs() <= tol,
+                "escape {k}: {restored} vs {truth}"
+            );
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! GPU kernels against the CPU reference (feature `cuda`, run on a GPU machine:
-//! `scripts/gpu-kernels.sh`). Outputs are poisoned before every run.
+//! `scripts/gpu-kernels.sh`). Outputs are poisoned before every run. Tuning defines to test
+//! other kernel variants: `JITDELTA_KERNEL_DEFINES="LANE_VECS=1 GEMV_STAGES=4"`.
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::{CudaContext, CudaSlice};
@@ -13,7 +14,9 @@ use rand::{Rng, SeedableRng};
 
 fn kernels() -> Kernels {
     let ctx = CudaContext::new(0).expect("a CUDA device");
-    Kernels::new(ctx.default_stream()).expect("kernels compile")
+    let defines = std::env::var("JITDELTA_KERNEL_DEFINES").unwrap_or_default();
+    let defines: Vec<&str> = defines.split_whitespace().collect();
+    Kernels::with_defines(ctx.default_stream(), &defines).expect("kernels compile")
 }
 
 fn poisoned(k: &Kernels, n: usize) -> CudaSlice<bf16> {
