@@ -168,14 +168,18 @@ struct Trace {
     off: HashMap<Vec<u32>, DraftRow>,
 }
 
-/// Per-position hidden RMS of a `(1, seq, hidden)` activation.
-fn rms_rows(h: &Tensor) -> Result<Vec<f32>> {
-    Ok(h.sqr()?.mean_keepdim(2)?.sqrt()?.flatten_all()?.to_vec1()?)
+/// Per-position hidden RMS after the middle and the last layer, `(seq,)` each.
+fn hidden_rms(hidden: &[Tensor]) -> candle_core::Result<[Tensor; 2]> {
+    let n = hidden.len();
+    let rows = |h: &Tensor| h.sqr()?.mean_keepdim(2)?.sqrt()?.flatten_all();
+    Ok([rows(&hidden[(n - 1) / 2])?, rows(&hidden[n - 1])?])
 }
 
-fn hidden_rms(hidden: &[Tensor]) -> Result<(Vec<f32>, Vec<f32>)> {
-    let n = hidden.len();
-    Ok((rms_rows(&hidden[(n - 1) / 2])?, rms_rows(&hidden[n - 1])?))
+/// The draft row for logits `row` at position `p` of a pass whose hidden RMS values are
+/// `rms`, computed as `SelfSpec` computes it (on the device, greedy).
+fn draft_row(row: &Tensor, rms: &[Tensor; 2], p: usize) -> jitdelta_spec::Result<DraftRow> {
+    let rms = [rms[0].get(p)?, rms[1].get(p)?];
+    DraftRow::from_device(row, &Sampling::Greedy, Some(rms))
 }
 
 impl Trace {
@@ -194,11 +198,10 @@ impl Trace {
         let ids = Tensor::from_slice(&full, (1, full.len()), model.device())?;
         let out = model.forward_with_hidden(&ids, 0, &mut cache, Logits::All)?;
         source.set_mode(Mode::Exact);
-        let logits: Vec<Vec<f32>> = out.logits.squeeze(0)?.to_vec2()?;
-        let (mid, last) = hidden_rms(&out.hidden)?;
+        let (logits, rms) = (out.logits.squeeze(0)?, hidden_rms(&out.hidden)?);
         let teacher = (prompt.len() - 1..full.len())
-            .map(|p| DraftRow::from_logits(&logits[p], &Sampling::Greedy, [mid[p], last[p]]))
-            .collect();
+            .map(|p| draft_row(&logits.get(p)?, &rms, p))
+            .collect::<jitdelta_spec::Result<_>>()?;
         Ok(Self {
             prompt_len: prompt.len(),
             full,
@@ -249,14 +252,7 @@ impl SpecModel for Replay<'_> {
             .forward_with_hidden(&ids, i, &mut cache, Logits::Last);
         self.source.set_mode(Mode::Exact);
         let out = out?;
-        let (mid, last) = hidden_rms(&out.hidden)
-            .map_err(|e| jitdelta_spec::Error::InvalidInput(format!("hidden states: {e}")))?;
-        let logits: Vec<f32> = out.logits.squeeze(0)?.to_vec1()?;
-        let row = DraftRow::from_logits(
-            &logits,
-            &Sampling::Greedy,
-            [mid[m - i - 1], last[m - i - 1]],
-        );
+        let row = draft_row(&out.logits, &hidden_rms(&out.hidden)?, m - i - 1)?;
         t.off.insert(self.draft.clone(), row.clone());
         Ok(row)
     }
