@@ -39,7 +39,7 @@ impl DraftRow {
     ///
     /// Greedy: the argmax and the signals' reductions over the vocabulary are computed with
     /// tensor ops on the logits' device in f32, and only those five scalars and the two RMS
-    /// values come back ([`Signals::from_reductions`] finishes them on the host, O(1)); they
+    /// values come back (the host finishes them into the signals in O(1)); they
     /// agree with [`DraftRow::from_logits`] to f32 rounding (tested). On the CPU the argmax
     /// is the first on ties, as on the host; other devices may pick another tied index, which
     /// changes only the proposal, never what verification keeps. Sampling: the draw needs `q`
