@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p jitdelta-spec --example spec_eval -- [MODEL_DIR] [MODEL.jd]
 //!     [--tokens 96] [--long-tokens 256] [--prompts 6] [--draft-cost 0.7] [--seeds 5]
-//!     [--validate 2]
+//!     [--validate 2] [--prompt-set main|held-out]
 //! ```
 //!
 //! Greedy decoding makes every configuration's run a deterministic function of the exact
@@ -92,6 +92,64 @@ const SETS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// A second collection of the same five kinds, written after the first and used for no
+/// choice: a design picked by looking at [`SETS`] is checked here (`--prompt-set held-out`).
+const HELD_OUT_SETS: &[(&str, &[&str])] = &[
+    (
+        "chat",
+        &[
+            "Good morning! Any plans for the weekend?",
+            "What is the tallest mountain in Africa?",
+            "How can I stay focused while working from home?",
+            "Recommend a board game for four friends.",
+            "Why do cats purr?",
+            "What is a good way to start learning the guitar?",
+        ],
+    ),
+    (
+        "code",
+        &[
+            "Write a Python function that counts the vowels in a string.",
+            "Write a C function that swaps two integers through pointers.",
+            "Write a SQL query that finds the five most recent orders.",
+            "Write a Go function that sums a slice of integers.",
+            "Write a JavaScript function that removes duplicates from an array.",
+            "Write a Python function that reads a file and returns its line count.",
+        ],
+    ),
+    (
+        "arithmetic",
+        &[
+            "What is 45 + 37?",
+            "What is 9 times 14? Show your steps.",
+            "A shop sells pens at 3 dollars each. How much do 7 pens cost?",
+            "What is 250 divided by 5?",
+            "What is 20% of 150?",
+            "What is 6 cubed?",
+        ],
+    ),
+    (
+        "repetitive",
+        &[
+            "Write the word 'yes' eight times.",
+            "Count down from 20 to 1.",
+            "List the planets of the solar system, then list them again.",
+            "Write the even numbers from 2 to 40.",
+            "Say 'good night' six times.",
+            "List the colors of the rainbow twice.",
+        ],
+    ),
+    (
+        "long",
+        &[
+            "Write a detailed essay about the history of aviation.",
+            "Write a long story about a lighthouse keeper and a storm.",
+            "Explain in detail how the human heart works.",
+            "Describe a week-long trip to Japan, day by day.",
+        ],
+    ),
+];
+
 /// The controllers measured: fixed rules first (the bandits' arms and a few more K), then the
 /// bandits.
 const FIXED: &[&str] = &[
@@ -117,6 +175,7 @@ struct Args {
     draft_cost: f64,
     seeds: u64,
     validate: usize,
+    sets: &'static [(&'static str, &'static [&'static str])],
 }
 
 fn parse_args() -> Result<Args> {
@@ -129,6 +188,7 @@ fn parse_args() -> Result<Args> {
         draft_cost: 0.7,
         seeds: 5,
         validate: 0,
+        sets: SETS,
     };
     let mut positional = 0;
     let mut it = std::env::args().skip(1);
@@ -141,6 +201,13 @@ fn parse_args() -> Result<Args> {
             "--draft-cost" => a.draft_cost = value()?.parse()?,
             "--seeds" => a.seeds = value()?.parse::<u64>()?.max(1),
             "--validate" => a.validate = value()?.parse()?,
+            "--prompt-set" => {
+                a.sets = match value()?.as_str() {
+                    "main" => SETS,
+                    "held-out" => HELD_OUT_SETS,
+                    other => return Err(format!("--prompt-set main|held-out, not {other}").into()),
+                }
+            }
             _ if positional == 0 => {
                 a.model_dir = arg.into();
                 positional += 1;
@@ -168,14 +235,18 @@ struct Trace {
     off: HashMap<Vec<u32>, DraftRow>,
 }
 
-/// Per-position hidden RMS of a `(1, seq, hidden)` activation.
-fn rms_rows(h: &Tensor) -> Result<Vec<f32>> {
-    Ok(h.sqr()?.mean_keepdim(2)?.sqrt()?.flatten_all()?.to_vec1()?)
+/// Per-position hidden RMS after the middle and the last layer, `(seq,)` each.
+fn hidden_rms(hidden: &[Tensor]) -> candle_core::Result<[Tensor; 2]> {
+    let n = hidden.len();
+    let rows = |h: &Tensor| h.sqr()?.mean_keepdim(2)?.sqrt()?.flatten_all();
+    Ok([rows(&hidden[(n - 1) / 2])?, rows(&hidden[n - 1])?])
 }
 
-fn hidden_rms(hidden: &[Tensor]) -> Result<(Vec<f32>, Vec<f32>)> {
-    let n = hidden.len();
-    Ok((rms_rows(&hidden[(n - 1) / 2])?, rms_rows(&hidden[n - 1])?))
+/// The draft row for logits `row` at position `p` of a pass whose hidden RMS values are
+/// `rms`, computed as `SelfSpec` computes it (on the device, greedy).
+fn draft_row(row: &Tensor, rms: &[Tensor; 2], p: usize) -> jitdelta_spec::Result<DraftRow> {
+    let rms = [rms[0].get(p)?, rms[1].get(p)?];
+    DraftRow::from_device(row, &Sampling::Greedy, Some(rms))
 }
 
 impl Trace {
@@ -194,11 +265,10 @@ impl Trace {
         let ids = Tensor::from_slice(&full, (1, full.len()), model.device())?;
         let out = model.forward_with_hidden(&ids, 0, &mut cache, Logits::All)?;
         source.set_mode(Mode::Exact);
-        let logits: Vec<Vec<f32>> = out.logits.squeeze(0)?.to_vec2()?;
-        let (mid, last) = hidden_rms(&out.hidden)?;
+        let (logits, rms) = (out.logits.squeeze(0)?, hidden_rms(&out.hidden)?);
         let teacher = (prompt.len() - 1..full.len())
-            .map(|p| DraftRow::from_logits(&logits[p], &Sampling::Greedy, [mid[p], last[p]]))
-            .collect();
+            .map(|p| draft_row(&logits.get(p)?, &rms, p))
+            .collect::<jitdelta_spec::Result<_>>()?;
         Ok(Self {
             prompt_len: prompt.len(),
             full,
@@ -249,14 +319,7 @@ impl SpecModel for Replay<'_> {
             .forward_with_hidden(&ids, i, &mut cache, Logits::Last);
         self.source.set_mode(Mode::Exact);
         let out = out?;
-        let (mid, last) = hidden_rms(&out.hidden)
-            .map_err(|e| jitdelta_spec::Error::InvalidInput(format!("hidden states: {e}")))?;
-        let logits: Vec<f32> = out.logits.squeeze(0)?.to_vec1()?;
-        let row = DraftRow::from_logits(
-            &logits,
-            &Sampling::Greedy,
-            [mid[m - i - 1], last[m - i - 1]],
-        );
+        let row = draft_row(&out.logits, &hidden_rms(&out.hidden)?, m - i - 1)?;
         t.off.insert(self.draft.clone(), row.clone());
         Ok(row)
     }
@@ -376,8 +439,8 @@ fn main() -> Result<()> {
     stop.extend(model.info().eos_token_ids.iter().copied());
 
     let mut prompts: Vec<(usize, Prompt)> = Vec::new(); // (set, prompt)
-    for (s, (_, texts)) in SETS.iter().enumerate() {
-        let max_new = if SETS[s].0 == "long" {
+    for (s, (name, texts)) in args.sets.iter().enumerate() {
+        let max_new = if *name == "long" {
             args.long_tokens
         } else {
             args.tokens
@@ -420,7 +483,8 @@ fn main() -> Result<()> {
     }
 
     // The sets: each kind alone, then all prompts interleaved round-robin.
-    let mut sets: Vec<(String, Vec<usize>)> = SETS
+    let mut sets: Vec<(String, Vec<usize>)> = args
+        .sets
         .iter()
         .enumerate()
         .map(|(s, (name, _))| {
@@ -451,7 +515,7 @@ fn main() -> Result<()> {
         );
         println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut rows: Vec<(String, jitdelta_spec::SpecSummary, String)> = Vec::new();
-        let mut best_arm = f64::INFINITY;
+        let mut arm_costs = Vec::new();
         for &ctl in FIXED.iter().chain(BANDITS) {
             let seeds = if BANDITS.contains(&ctl) {
                 args.seeds
@@ -489,7 +553,7 @@ fn main() -> Result<()> {
             }
             let summary = total.summary(c);
             if arm_names.iter().any(|a| a == ctl) {
-                best_arm = best_arm.min(summary.cost_per_token);
+                arm_costs.push(summary.cost_per_token);
             }
             let note = if seeds > 1 {
                 format!("worst seed {:.3}", 1.0 / worst)
@@ -498,6 +562,7 @@ fn main() -> Result<()> {
             };
             rows.push((ctl.to_string(), summary, note));
         }
+        let best_arm = arm_costs.iter().copied().fold(f64::INFINITY, f64::min);
         for (ctl, s, note) in rows {
             let vs = if BANDITS.contains(&ctl.as_str()) {
                 format!("{:.1}% {note}", 100.0 * best_arm / s.cost_per_token)
@@ -514,6 +579,15 @@ fn main() -> Result<()> {
                 1.0 / s.cost_per_token
             );
         }
+        // Every arm's run yields the same tokens, so one arm picked at random for the whole set
+        // costs the mean of the arms' costs per token: the reference a bandit has to beat.
+        let mean_arm = arm_costs.iter().sum::<f64>() / arm_costs.len().max(1) as f64;
+        println!(
+            "\nThe bandit's {} arms: best cost {best_arm:.3}, mean {mean_arm:.3} (one arm picked \
+             at random for the whole set: {:.1}% of the best arm).",
+            arm_costs.len(),
+            100.0 * best_arm / mean_arm
+        );
     }
     eprintln!("done in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
@@ -534,7 +608,7 @@ fn validate(
     let real_source = JitSource::open(jd, &Device::Cpu, JitOptions::default())?;
     let real_model = load_causal_lm(&real_source)?;
     let mut pair = SelfSpec::new(real_model.as_ref(), real_source.mode().clone());
-    let mut per_set = vec![0; SETS.len()];
+    let mut per_set = vec![0; args.sets.len()];
     for (i, (s, p)) in prompts.iter().enumerate() {
         if per_set[*s] >= args.validate {
             continue;
@@ -552,7 +626,7 @@ fn validate(
             let same = real.stats == replayed && real.tokens[..] == traces[i].full[p.ids.len()..];
             eprintln!(
                 "validate {} #{i} {ctl}: real {:?} replay {:?} -> {}",
-                SETS[*s].0,
+                args.sets[*s].0,
                 real.stats,
                 replayed,
                 if same { "identical" } else { "DIFFERENT" }

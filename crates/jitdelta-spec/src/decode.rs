@@ -2,8 +2,9 @@
 //! where the draft and the target run (one JIT model in two modes, on any device, or a
 //! recorded trace).
 
-use crate::sampling::{argmax, sample, Sampling, Signals};
+use crate::sampling::{argmax, greedy_reductions, sample, Sampling, Signals, F32_EXACT_INDEX};
 use crate::{Controller, Error, Result};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,6 +31,59 @@ impl DraftRow {
             signals,
             probs: (!sampling.is_greedy()).then_some(probs),
         }
+    }
+
+    /// The row for one position's `logits` (one row of the vocabulary, on any device), with the
+    /// draft's hidden-state RMS after the middle and the last layer as rank-0 tensors on the
+    /// same device (`None`: zeros). Whatever the sampling, one device-to-host copy.
+    ///
+    /// Greedy: the argmax and the signals' reductions over the vocabulary are computed with
+    /// tensor ops on the logits' device in f32, and only those five scalars and the two RMS
+    /// values come back (the host finishes them into the signals in O(1)); they
+    /// agree with [`DraftRow::from_logits`] to f32 rounding (tested). On the CPU the argmax
+    /// is the first on ties, as on the host; other devices may pick another tied index, which
+    /// changes only the proposal, never what verification keeps. Sampling: the draw needs `q`
+    /// on the host, so the row comes back (with the RMS values, in the same copy) and
+    /// [`DraftRow::from_logits`] computes `q` and its signals. A vocabulary over 2^24 (past
+    /// where an f32 holds every index) takes the sampling path's copy too.
+    pub fn from_device(
+        logits: &Tensor,
+        sampling: &Sampling,
+        hidden_rms: Option<[Tensor; 2]>,
+    ) -> Result<Self> {
+        let rms = hidden_rms.map_or(Ok(Vec::new()), |h| {
+            h.iter()
+                .map(|t| match t.elem_count() {
+                    1 => Ok(t.flatten_all()?.to_dtype(DType::F32)?),
+                    n => Err(Error::InvalidInput(format!(
+                        "a hidden-state RMS of {n} values, expected one"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        // `head` values, then the RMS values if any: one copy.
+        let fetch = |head: Tensor| -> Result<(Vec<f32>, [f32; 2])> {
+            let n = head.elem_count();
+            let mut v: Vec<f32> = Tensor::cat(&[&[head][..], &rms].concat(), 0)?.to_vec1()?;
+            let hidden = match v[n..] {
+                [mid, last] => [mid, last],
+                _ => [0.0; 2],
+            };
+            v.truncate(n);
+            Ok((v, hidden))
+        };
+        if sampling.is_greedy() && logits.elem_count() <= F32_EXACT_INDEX {
+            let (v, hidden) = fetch(Tensor::stack(&greedy_reductions(logits)?, 0)?)?;
+            let mut signals = Signals::from_reductions(v[1], v[2], v[3], v[4]);
+            signals.hidden_rms = hidden;
+            return Ok(DraftRow {
+                argmax: v[0] as u32,
+                signals,
+                probs: None,
+            });
+        }
+        let (v, hidden) = fetch(logits.flatten_all()?.to_dtype(DType::F32)?)?;
+        Ok(DraftRow::from_logits(&v, sampling, hidden))
     }
 }
 

@@ -2,16 +2,19 @@
 //! Draft and Exact modes, with one KV cache per mode.
 
 use crate::decode::{DraftRow, SpecModel, TargetRow};
-use crate::sampling::Sampling;
+use crate::sampling::{argmax, Sampling};
 use crate::Result;
 use candle_core::{Tensor, D};
 use jitdelta_nn::{CausalLm, KvCache, Logits, Mode, ModeHandle};
 
 /// Self-speculation on one model whose layers share `mode` (a
 /// [`JitSource`](jitdelta_nn::JitSource)'s handle): drafts run in [`Mode::Draft`], verification
-/// in [`Mode::Exact`]. Works on whatever device the model lives on: only the logits rows the
-/// loop needs (the draft's last row, the target's argmaxes, or its rows when sampling) and
-/// two scalars of hidden-state size come back to the host.
+/// in [`Mode::Exact`]. Works on whatever device the model lives on: only what the loop reads
+/// comes back to the host, in one copy per pass: per draft pass, when greedy, the argmax, the
+/// signals' five reductions over the vocabulary and two hidden-state RMS values (computed on
+/// the device, [`DraftRow::from_device`]), when sampling the last logits row (the draw needs
+/// `q`) and the two RMS values; per verify pass, the target's argmaxes, or its rows when
+/// sampling.
 ///
 /// It switches the shared handle before every pass and leaves it in `Exact`; do not run the
 /// same source elsewhere at the same time.
@@ -42,16 +45,15 @@ impl<'m> SelfSpec<'m> {
     }
 }
 
-/// Root mean square of the last position of a `(1, seq, hidden)` activation.
-fn last_rms(h: &Tensor) -> Result<f32> {
+/// Root mean square of the last position of a `(1, seq, hidden)` activation, as a rank-0 f32
+/// tensor on its device (f32 whatever the compute dtype, BF16 on CUDA).
+fn last_rms(h: &Tensor) -> Result<Tensor> {
     let seq = h.dim(1)?;
-    // f32 whatever the compute dtype (BF16 on CUDA).
     Ok(h.narrow(1, seq - 1, 1)?
         .to_dtype(candle_core::DType::F32)?
         .sqr()?
         .mean_all()?
-        .sqrt()?
-        .to_scalar::<f32>()?)
+        .sqrt()?)
 }
 
 impl SpecModel for SelfSpec<'_> {
@@ -63,17 +65,16 @@ impl SpecModel for SelfSpec<'_> {
                 .forward_with_hidden(&input, self.draft.len(), &mut self.draft, Logits::Last);
         self.mode.set_mode(Mode::Exact);
         let out = out?;
-        let logits: Vec<f32> = out.logits.squeeze(0)?.to_vec1()?;
         let layers = out.hidden.len();
         let hidden_rms = if layers > 0 {
-            [
+            Some([
                 last_rms(&out.hidden[(layers - 1) / 2])?,
                 last_rms(&out.hidden[layers - 1])?,
-            ]
+            ])
         } else {
-            [0.0; 2]
+            None
         };
-        Ok(DraftRow::from_logits(&logits, sampling, hidden_rms))
+        DraftRow::from_device(&out.logits, sampling, hidden_rms)
     }
 
     fn verify(
@@ -89,8 +90,8 @@ impl SpecModel for SelfSpec<'_> {
                 .forward(&input, self.target.len(), &mut self.target, Logits::All)?;
         let rows = rows.clamp(1, tokens.len());
         let logits = logits.squeeze(0)?.narrow(0, tokens.len() - rows, rows)?;
-        let argmaxes: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         if sampling.is_greedy() {
+            let argmaxes: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
             return Ok(argmaxes
                 .into_iter()
                 .map(|argmax| TargetRow {
@@ -100,11 +101,10 @@ impl SpecModel for SelfSpec<'_> {
                 .collect());
         }
         let all: Vec<Vec<f32>> = logits.to_vec2()?;
-        Ok(argmaxes
+        Ok(all
             .into_iter()
-            .zip(all)
-            .map(|(argmax, l)| TargetRow {
-                argmax,
+            .map(|l| TargetRow {
+                argmax: argmax(&l),
                 probs: Some(sampling.probs(&l)),
             })
             .collect())

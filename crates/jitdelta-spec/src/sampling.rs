@@ -4,6 +4,7 @@
 //! temperature and top-p act identically on both, as the acceptance rule requires.
 
 use crate::{Error, Result};
+use candle_core::{DType, Tensor};
 use rand::Rng;
 
 /// How the next token is picked.
@@ -152,6 +153,58 @@ impl Signals {
             hidden_rms: [0.0; 2],
         }
     }
+
+    /// Signals of the plain softmax (temperature 1) of a logits row from its reductions as
+    /// [`greedy_reductions`] computes them on the device: `top1 = 1 / Z`, `top2 = exp(l2) / Z`
+    /// (`top1` on ties), entropy `ln Z - S / Z`, margin `min(-l2, 30)` (0 on ties). The same
+    /// quantities [`Signals::from_probs`] computes from the whole distribution, up to f32
+    /// rounding.
+    pub(crate) fn from_reductions(z: f32, s: f32, l2: f32, ties: f32) -> Self {
+        let (z, s) = (z as f64, s as f64);
+        let l2 = if ties >= 2.0 { 0.0 } else { l2 as f64 };
+        Signals {
+            top1: (1.0 / z) as f32,
+            top2: (l2.exp() / z) as f32,
+            entropy: (z.ln() - s / z).max(0.0) as f32,
+            margin: (-l2).min(30.0) as f32,
+            hidden_rms: [0.0; 2],
+        }
+    }
+}
+
+/// Logits this far (in nats) below the row's maximum count as `-inf`: their probability is 0
+/// in f32 long before (`exp(-104)` underflows), and a finite floor keeps `0 * -inf` (NaN) out
+/// of the entropy sum.
+const LOGIT_FLOOR: f64 = -1e30;
+
+/// Vocabulary sizes up to this keep their argmax exact through an f32 (2^24).
+pub(crate) const F32_EXACT_INDEX: usize = 1 << 24;
+
+/// The vocabulary-wide reductions behind a greedy draft row, computed with tensor ops on the
+/// device of `logits` (one row, any float dtype, reduced in f32), each a rank-0 f32 tensor:
+/// `[argmax, Z, S, l2, ties]`. With `l' = max(l - max(l), LOGIT_FLOOR)`:
+///
+/// - `argmax`: index of the largest logit (the first on ties on the CPU);
+/// - `Z = sum exp(l')`, the softmax's normalizer relative to the top logit;
+/// - `S = sum exp(l') l'`;
+/// - `l2`: the largest `l'` outside the top logit's value (`2 LOGIT_FLOOR` if none);
+/// - `ties`: how many logits equal the maximum.
+///
+/// [`Signals::from_reductions`] turns them into the signals; only these five scalars need
+/// to leave the device.
+pub(crate) fn greedy_reductions(logits: &Tensor) -> Result<[Tensor; 5]> {
+    let l = logits.flatten_all()?.to_dtype(DType::F32)?;
+    let argmax = l.argmax(0)?.to_dtype(DType::F32)?;
+    let shifted = l.broadcast_sub(&l.max_keepdim(0)?)?.maximum(LOGIT_FLOOR)?;
+    let e = shifted.exp()?;
+    let z = e.sum_all()?;
+    let s = (&e * &shifted)?.sum_all()?;
+    // `l - max` is exactly 0 at the maximum and only there (IEEE subtraction is exact in
+    // sign), so `shifted >= 0` marks the top logit(s).
+    let top = shifted.ge(0.0)?.to_dtype(DType::F32)?;
+    let ties = top.sum_all()?;
+    let l2 = (shifted + top.affine(2.0 * LOGIT_FLOOR, 0.0)?)?.max(0)?;
+    Ok([argmax, z, s, l2, ties])
 }
 
 #[cfg(test)]
