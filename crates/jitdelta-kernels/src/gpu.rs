@@ -18,8 +18,6 @@ pub const MAX_GEMV_BATCH: usize = 8;
 const GEMV_TILE_ROWS: usize = 16;
 const GEMV_WARPS: u32 = 8;
 const DECODE_THREADS: u32 = 256;
-/// Values one decode thread writes (kernels.cu `DECODE_VALUES`).
-const DECODE_VALUES: usize = 32;
 /// Shared memory per warp and pipeline stage of the cp.async GEMV: 3 planes x 16 rows x 128 bytes.
 const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 
@@ -98,21 +96,15 @@ impl Kernels {
         let s = &self.stream;
         // Empty lists still get one (never read) element: a null device pointer is not a slice.
         let some_u8 = |v: &[u8]| if v.is_empty() { vec![0] } else { v.to_vec() };
-        // Planes padded to 16 bytes: the decode loads a 16-byte vector per 32 values.
-        let padded = |v: &[u8]| {
-            let mut p = v.to_vec();
-            p.resize(v.len().div_ceil(16).max(1) * 16, 0);
-            p
-        };
         Ok(GpuResident {
             rows: to_u32(rows, "rows")?,
             cols: to_u32(cols, "cols")?,
             chunk_rows: to_u32(chunk_rows, "chunk rows")?,
             chunks: d.bases.len(),
             segment: d.segment as u64,
-            p: s.clone_htod(&padded(&d.p))?,
-            s: s.clone_htod(&padded(&d.s))?,
-            l: s.clone_htod(&padded(&d.l))?,
+            p: s.clone_htod(&some_u8(&d.p))?,
+            s: s.clone_htod(&some_u8(&d.s))?,
+            l: s.clone_htod(&some_u8(&d.l))?,
             bases: s.clone_htod(&some_u8(&d.bases))?,
             esc_start: s.clone_htod(&d.escape_start)?,
             esc_pos: s.clone_htod(if d.escape_pos.is_empty() {
@@ -165,7 +157,7 @@ impl Kernels {
                 n
             )));
         }
-        let per_chunk = (t.chunk_rows as usize * t.cols as usize).div_ceil(DECODE_VALUES);
+        let per_chunk = (t.chunk_rows as usize * t.cols as usize).div_ceil(8);
         let units = per_chunk * t.chunks;
         if units == 0 {
             return Ok(());

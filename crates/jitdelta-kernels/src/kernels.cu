@@ -76,49 +76,40 @@ __device__ __forceinline__ u32 rebase(u32 v, int delta) {
     return (delta < 0 ? mag - d : mag + d) | sign;
 }
 
-// Decode to BF16 in global memory (the prefill path). One thread per 32 values (one 16-byte
-// load of each plane, four 16-byte stores), so a warp moves whole lines; the grid's x * y
-// covers every chunk's 32-value groups. Planes are padded to 16 bytes at upload, so a group's
-// loads stay inside them. Escapes are written afterwards by jd_patch_escapes.
-#define DECODE_VALUES 32
+// Decode to BF16 in global memory (the prefill path). One thread per 8 values (a 32-bit word
+// of each plane, one 16-byte store), so a warp's loads and stores are contiguous; the grid's
+// x * y covers every chunk's words. Escapes are written afterwards by jd_patch_escapes.
 extern "C" __global__ void __launch_bounds__(256)
 jd_decode_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
                const u8* __restrict__ bases, const u8* __restrict__ routed, int mode,
                u32 rows, u32 cols, u32 chunk_rows, u64 segment, u16* __restrict__ out) {
     const u64 full = (u64)chunk_rows * cols;
-    const u64 groups_per_chunk = (full + DECODE_VALUES - 1) / DECODE_VALUES;
+    const u64 words_per_chunk = (full + 7) / 8;
     const u32 chunks = (rows + chunk_rows - 1) / chunk_rows;
     const u64 u = (u64)blockIdx.y * gridDim.x * blockDim.x + (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= groups_per_chunk * chunks) return;
-    const u32 c = (u32)(u / groups_per_chunk);
-    const u64 first = (u - (u64)c * groups_per_chunk) * DECODE_VALUES;
+    if (u >= words_per_chunk * chunks) return;
+    const u32 c = (u32)(u / words_per_chunk);
+    const u64 first = (u - (u64)c * words_per_chunk) * 8;
     const u64 n = (u64)min((u64)chunk_rows, (u64)rows - (u64)c * chunk_rows) * cols;
     if (first >= n) return;
     const bool exact = chunk_is_exact(mode, routed, c);
     const u64 at = (u64)c * segment + first / 2;
-    const uint4 p = __ldg(reinterpret_cast<const uint4*>(P + at));
-    const uint4 s = __ldg(reinterpret_cast<const uint4*>(S + at));
-    const uint4 l = exact ? __ldg(reinterpret_cast<const uint4*>(L + at)) : make_uint4(0, 0, 0, 0);
-    const u32 pw[4] = {p.x, p.y, p.z, p.w}, sw[4] = {s.x, s.y, s.z, s.w}, lw[4] = {l.x, l.y, l.z, l.w};
+    const u32 p = __ldg(reinterpret_cast<const u32*>(P + at));
+    const u32 s = __ldg(reinterpret_cast<const u32*>(S + at));
+    const u32 l = exact ? __ldg(reinterpret_cast<const u32*>(L + at)) : 0u;
     const int delta = (int)bases[c] - SCALED_EXPONENT;
+    u32 v[4];
+    decode8(p, s, l, exact, v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = rebase(v[k], delta);
     u16* dst = out + (u64)c * full + first;
-    const bool aligned = (((u64)c * full + first) & 7u) == 0;
+    if (first + 8 <= n && (((u64)c * full + first) & 7u) == 0) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+    } else {
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-        const u64 at_value = first + 8 * w;
-        if (at_value >= n) break;
-        u32 v[4];
-        decode8(pw[w], sw[w], lw[w], exact, v);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) v[k] = rebase(v[k], delta);
-        if (aligned && at_value + 8 <= n) {
-            *reinterpret_cast<uint4*>(dst + 8 * w) = make_uint4(v[0], v[1], v[2], v[3]);
-        } else {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                if (at_value + 2 * q < n) dst[8 * w + 2 * q] = (u16)v[q];
-                if (at_value + 2 * q + 1 < n) dst[8 * w + 2 * q + 1] = (u16)(v[q] >> 16);
-            }
+        for (int q = 0; q < 4; ++q) {
+            if (first + 2 * q < n) dst[2 * q] = (u16)v[q];
+            if (first + 2 * q + 1 < n) dst[2 * q + 1] = (u16)(v[q] >> 16);
         }
     }
 }
