@@ -16,6 +16,8 @@ build)
     source ../shared/gpu/cuda-build-env.sh >/dev/null
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
     mkdir -p gpu-bin
+    # NVRTC compiles the kernels at run time: catch its errors here, not on the GPU machine.
+    python3 scripts/nvrtc_check.py crates/jitdelta-kernels/src/*.cu
     test_bin=$(cargo build --release --features cuda -p jitdelta-kernels --tests --example kernel_bench \
         --message-format=json 2>/dev/null |
         python3 -c 'import json,sys

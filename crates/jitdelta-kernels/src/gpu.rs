@@ -1,5 +1,6 @@
 //! The CUDA side: kernels compiled at run time with NVRTC, tensors held on the device.
 
+use crate::attention::AttentionShape;
 use crate::device_layout::DeviceLayout;
 use crate::reference::ChunkSelection;
 use crate::{Error, Result};
@@ -13,6 +14,8 @@ use jitdelta_format::ResidentTensor;
 use std::sync::Arc;
 
 const SOURCE: &str = include_str!("kernels.cu");
+const ATTENTION_SOURCE: &str = include_str!("attention.cu");
+const ATTENTION_THREADS: u32 = 4 * 32;
 /// Largest activation batch the fused GEMV takes (one mma.m16n8k16 column block).
 pub const MAX_GEMV_BATCH: usize = 8;
 const GEMV_TILE_ROWS: usize = 16;
@@ -41,23 +44,7 @@ impl Kernels {
     /// Like [`Kernels::new`] with extra `-D` macro definitions (tuning knobs such as
     /// `GEMV_MIN_BLOCKS=2`; see the top of `kernels.cu`).
     pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
-        let ctx = stream.context().clone();
-        let (major, minor) = ctx.compute_capability()?;
-        if major < 8 {
-            return Err(Error::Unsupported(format!(
-                "compute capability {major}.{minor} (the kernels use bf16 mma.sync, 8.0+)"
-            )));
-        }
-        let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
-        options.extend(defines.iter().map(|d| format!("-D{d}")));
-        let ptx = compile_ptx_with_opts(
-            SOURCE,
-            CompileOptions {
-                options,
-                ..Default::default()
-            },
-        )?;
-        let module = ctx.load_module(ptx)?;
+        let module = compile(&stream, SOURCE, defines)?;
         // The launch shape must match the kernel's GEMV_WARPS and GEMV_STAGES.
         let warps = define_value(defines, "GEMV_WARPS")?.unwrap_or(GEMV_WARPS);
         let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
@@ -247,6 +234,97 @@ impl Kernels {
         let mut config = grid((blocks, 1), self.gemv_threads);
         config.shared_mem_bytes = self.gemv_smem;
         unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+}
+
+/// Compiles `source` with NVRTC for the stream's device (compute capability 8.0 or newer).
+fn compile(
+    stream: &Arc<CudaStream>,
+    source: &str,
+    defines: &[&str],
+) -> Result<Arc<cudarc::driver::CudaModule>> {
+    let ctx = stream.context();
+    let (major, minor) = ctx.compute_capability()?;
+    if major < 8 {
+        return Err(Error::Unsupported(format!(
+            "compute capability {major}.{minor} (the kernels use bf16 mma.sync, 8.0+)"
+        )));
+    }
+    let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+    options.extend(defines.iter().map(|d| format!("-D{d}")));
+    let ptx = compile_ptx_with_opts(
+        source,
+        CompileOptions {
+            options,
+            ..Default::default()
+        },
+    )?;
+    Ok(ctx.load_module(ptx)?)
+}
+
+/// The decode-attention kernel ([`crate::attention`]), bound to one stream.
+#[derive(Debug)]
+pub struct Attention {
+    stream: Arc<CudaStream>,
+    kernel: CudaFunction,
+}
+
+impl Attention {
+    /// Compiles the kernel for the stream's device.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let module = compile(&stream, ATTENTION_SOURCE, &[])?;
+        Ok(Self {
+            kernel: module.load_function("jd_attention_bf16")?,
+            stream,
+        })
+    }
+
+    /// The stream the kernel runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Softmax attention of `q` over `k`, `v` into `y` (layouts in [`AttentionShape`]), scale
+    /// `1 / sqrt(head_dim)`, f32 inside.
+    pub fn run(
+        &self,
+        shape: &AttentionShape,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        shape.check()?;
+        let (q_len, kv_len, out_len) = shape.lens();
+        if q.len() != q_len || k.len() != kv_len || v.len() != kv_len || y.len() != out_len {
+            return Err(Error::Shape(format!(
+                "attention {shape:?}: q {}, k {}, v {}, y {} elements",
+                q.len(),
+                k.len(),
+                v.len(),
+                y.len()
+            )));
+        }
+        let dim = |v: usize| to_u32(v, "attention dimension");
+        let (rows, heads, kv_heads) = (dim(shape.rows)?, dim(shape.heads)?, dim(shape.kv_heads)?);
+        let (total, d) = (dim(shape.total)?, dim(shape.head_dim)?);
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let mut launch = self.stream.launch_builder(&self.kernel);
+        launch
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&total)
+            .arg(&d)
+            .arg(&scale)
+            .arg(y);
+        // SAFETY: the argument list matches `jd_attention_bf16`; every buffer holds the elements
+        // its shape needs (checked above) and the kernel indexes only within them.
+        unsafe { launch.launch(grid((rows, heads), ATTENTION_THREADS)) }?;
         Ok(())
     }
 }

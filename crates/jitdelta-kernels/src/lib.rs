@@ -9,7 +9,9 @@
 //! 2. **fused GEMV/GEMM** for 1–8 activation rows: weights decoded in registers straight into
 //!    tensor-core fragments, never written to memory, reading 1.5 bytes a weight;
 //! 3. **draft**: the same reading only the code and high planes (1 byte a weight);
-//! 4. **routed**: draft everywhere, exact for the chunks a router picked.
+//! 4. **routed**: draft everywhere, exact for the chunks a router picked;
+//! 5. **decode attention** ([`attention`]): short query blocks over a KV cache, each row on its
+//!    own, so a speculative verify pass is bit-identical to single-token steps.
 //!
 //! Every kernel has a CPU reference in [`reference`] that the tests and the benchmark compare
 //! against. The CUDA side needs the `cuda` feature; the references build everywhere.
@@ -36,6 +38,7 @@
 //! memory, and `Kernels::decode` / `Kernels::gemv` run them.
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod device_layout;
 mod error;
 #[cfg(feature = "cuda")]

@@ -6,7 +6,8 @@
 use cudarc::driver::{CudaContext, CudaSlice};
 use half::bf16;
 use jitdelta_format::{FloatFormat, JdFile, ResidentTensor};
-use jitdelta_kernels::gpu::Kernels;
+use jitdelta_kernels::attention::{reference, AttentionShape};
+use jitdelta_kernels::gpu::{Attention, Kernels};
 use jitdelta_kernels::reference::{decode_bf16, gemv, gemv_error, ChunkSelection};
 use jitdelta_kernels::Error;
 use rand::rngs::StdRng;
@@ -222,4 +223,174 @@ fn real_weights_decode_bit_exact_and_gemv() {
         checked += 1;
     }
     assert!(checked > 0, "{path} has no BF16 matrices");
+}
+
+fn scaled_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
+        .collect()
+}
+
+/// Runs the attention kernel into a poisoned output and returns it.
+fn attention_on_gpu(
+    a: &Attention,
+    s: &AttentionShape,
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+) -> Vec<bf16> {
+    let st = a.stream();
+    let (dq, dk, dv) = (
+        st.clone_htod(q).unwrap(),
+        st.clone_htod(k).unwrap(),
+        st.clone_htod(v).unwrap(),
+    );
+    let mut y = st
+        .clone_htod(&vec![bf16::from_bits(0xFFFF); s.lens().2])
+        .unwrap();
+    a.run(
+        s,
+        &dq.as_view(),
+        &dk.as_view(),
+        &dv.as_view(),
+        &mut y.as_view_mut(),
+    )
+    .unwrap();
+    st.clone_dtoh(&y).unwrap()
+}
+
+#[test]
+fn attention_matches_reference_and_a_block_equals_single_steps() {
+    let ctx = CudaContext::new(0).expect("a CUDA device");
+    let a = Attention::new(ctx.default_stream()).expect("attention compiles");
+    let mut checked = 0;
+    for (heads, kv_heads, d) in [
+        (4, 4, 32),
+        (8, 2, 64),
+        (32, 8, 128),
+        (9, 3, 96),
+        (2, 1, 256),
+    ] {
+        for total in [1, 2, 5, 37, 300] {
+            for rows in [1, 2, 5, 8].into_iter().filter(|&r| r <= total) {
+                let s = AttentionShape {
+                    rows,
+                    heads,
+                    kv_heads,
+                    total,
+                    head_dim: d,
+                };
+                let seed = (heads * 1000 + total * 10 + rows) as u64;
+                let (ql, kl, _) = s.lens();
+                // Large queries make peaked softmaxes, small ones flat ones.
+                let q = scaled_bf16(ql, seed, if total % 2 == 0 { 4.0 } else { 0.3 });
+                let (k, v) = (
+                    scaled_bf16(kl, seed + 1, 1.0),
+                    scaled_bf16(kl, seed + 2, 2.0),
+                );
+                let y = attention_on_gpu(&a, &s, &q, &k, &v);
+                let want = reference(&s, &q, &k, &v).unwrap();
+                for (i, (got, want)) in y.iter().zip(&want).enumerate() {
+                    let tol = want.abs() * 2f64.powi(-8) + 2.0 * 2f64.powi(-10);
+                    assert!(
+                        (got.to_f64() - want).abs() <= tol,
+                        "{s:?} element {i}: {got} vs {want}"
+                    );
+                }
+                // Each row of a block, bit for bit, as a single-token step at its position.
+                for row in 0..rows {
+                    let n = total - rows + row + 1;
+                    let one = AttentionShape {
+                        rows: 1,
+                        total: n,
+                        ..s
+                    };
+                    let q1: Vec<bf16> = (0..heads)
+                        .flat_map(|h| q[(h * rows + row) * d..][..d].to_vec())
+                        .collect();
+                    let prefix = |t: &[bf16]| -> Vec<bf16> {
+                        (0..kv_heads)
+                            .flat_map(|g| t[g * total * d..][..n * d].to_vec())
+                            .collect()
+                    };
+                    let y1 = attention_on_gpu(&a, &one, &q1, &prefix(&k), &prefix(&v));
+                    let block_row = &y[row * heads * d..][..heads * d];
+                    assert!(
+                        y1.iter()
+                            .zip(block_row)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{s:?}: row {row} differs from a single-token step"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 60, "{checked} shapes");
+}
+
+#[test]
+fn attention_propagates_nan_and_rejects_bad_shapes() {
+    let ctx = CudaContext::new(0).expect("a CUDA device");
+    let a = Attention::new(ctx.default_stream()).expect("attention compiles");
+    let s = AttentionShape {
+        rows: 3,
+        heads: 4,
+        kv_heads: 2,
+        total: 10,
+        head_dim: 64,
+    };
+    let (ql, kl, _) = s.lens();
+    let q = scaled_bf16(ql, 7, 1.0);
+    let (mut k, v) = (scaled_bf16(kl, 8, 1.0), scaled_bf16(kl, 9, 1.0));
+    // A NaN key at position 8 of kv head 1: rows 1 and 2 (positions 8, 9) of heads 2 and 3 see it.
+    k[(10 + 8) * 64 + 5] = bf16::NAN;
+    let y = attention_on_gpu(&a, &s, &q, &k, &v);
+    for row in 0..3 {
+        for h in 0..4 {
+            let out = &y[(row * 4 + h) * 64..][..64];
+            let poisoned = h >= 2 && row >= 1;
+            assert_eq!(
+                out.iter().all(|x| x.is_nan()),
+                poisoned,
+                "row {row} head {h}"
+            );
+            assert!(poisoned || out.iter().all(|x| x.is_finite()));
+        }
+    }
+    let st = a.stream();
+    let buf = st.clone_htod(&vec![bf16::ZERO; 64]).unwrap();
+    let mut out = st.clone_htod(&vec![bf16::ZERO; 64]).unwrap();
+    let bad = AttentionShape {
+        rows: 1,
+        heads: 1,
+        kv_heads: 1,
+        total: 1,
+        head_dim: 48,
+    };
+    assert!(matches!(
+        a.run(
+            &bad,
+            &buf.as_view(),
+            &buf.as_view(),
+            &buf.as_view(),
+            &mut out.as_view_mut()
+        ),
+        Err(Error::Shape(_))
+    ));
+    let short = AttentionShape {
+        head_dim: 64,
+        total: 2,
+        ..bad
+    };
+    assert!(a
+        .run(
+            &short,
+            &buf.as_view(),
+            &buf.as_view(),
+            &buf.as_view(),
+            &mut out.as_view_mut()
+        )
+        .is_err());
 }

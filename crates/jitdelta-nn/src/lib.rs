@@ -45,6 +45,8 @@ pub mod chat;
 mod error;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod gpu_attention;
 mod jit_linear;
 mod kv_cache;
 mod linear;

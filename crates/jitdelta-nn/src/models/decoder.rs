@@ -77,6 +77,9 @@ pub(crate) struct Decoder {
     norm: Tensor,
     lm_head: Arc<dyn LinearLayer>,
     rope: Rope,
+    /// Single-token steps and verify blocks on CUDA: one kernel launch a layer.
+    #[cfg(feature = "cuda")]
+    fused_attention: crate::gpu_attention::FusedAttention,
 }
 
 fn norm(source: &dyn LayerSource, name: &str, size: usize) -> Result<Tensor> {
@@ -138,6 +141,8 @@ impl Decoder {
             norm,
             lm_head,
             rope,
+            #[cfg(feature = "cuda")]
+            fused_attention: Default::default(),
         })
     }
 
@@ -284,6 +289,12 @@ impl Decoder {
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?;
         let offset = k.dim(2)? - seq;
+        #[cfg(feature = "cuda")]
+        if seq == 1 || per_position(seq, offset) {
+            if let Some(y) = self.fused_attention.attend(&q, &k, &v)? {
+                return Ok(block.o.forward(&y)?);
+            }
+        }
         let y = if per_position(seq, offset) {
             // A short block continuing a sequence (a speculative verify pass): each position
             // attends exactly as a single-token step at that position would (same shapes, no

@@ -1,0 +1,109 @@
+// Decode attention for short query blocks continuing a sequence (single-token steps and
+// speculative verify passes). Each (query row, head) is one block whose result depends only on
+// that row's query and the keys/values up to its position, never on how many rows the launch
+// holds: a verify pass over k rows is bit-identical to k single-token steps. f32 throughout,
+// BF16 in and out. Compiled at run time with NVRTC.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define ATTN_WARPS 4
+#define MAX_HEAD_DIM 256
+#define MAX_PER_LANE (MAX_HEAD_DIM / 32)
+#define UNROLL 4
+// NVRTC has no math.h: -inf spelled out.
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float((u32)b << 16); }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+// q: (heads, rows, d); k, v: (kv_heads, total, d); y: (rows, heads, d). Row i sits at position
+// total - rows + i and attends to positions 0..=that. Grid (rows, heads), ATTN_WARPS warps:
+// warp w takes positions w, w + ATTN_WARPS, ... with an online softmax, lane l holds elements
+// l * per_lane .. of the head; the warps' partial results are merged in warp order.
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                  u32 rows, u32 heads, u32 kv_heads, u32 total, u32 d, float scale,
+                  u16* __restrict__ y) {
+    __shared__ float part_m[ATTN_WARPS], part_l[ATTN_WARPS];
+    __shared__ float part_acc[ATTN_WARPS][MAX_HEAD_DIM];
+    const u32 row = blockIdx.x, head = blockIdx.y;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 per_lane = d / 32;
+    const u32 kvh = head / (heads / kv_heads);
+    const u32 n = total - rows + row + 1;
+    const u16* qh = q + ((u64)head * rows + row) * d;
+    const u16* kh = k + (u64)kvh * total * d;
+    const u16* vh = v + (u64)kvh * total * d;
+
+    float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; ++e) {
+        qv[e] = e < per_lane ? bf16_to_f32(qh[lane * per_lane + e]) : 0.f;
+        acc[e] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    // UNROLL positions a step per warp (w + ATTN_WARPS * (UNROLL * step + u)): their loads go
+    // out together.
+    for (u32 base = warp; base < n; base += ATTN_WARPS * UNROLL) {
+        float s[UNROLL], vv[UNROLL][MAX_PER_LANE];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const u32 j = base + ATTN_WARPS * u;
+            const bool in = j < n;
+            const u16* kj = kh + (u64)(in ? j : 0u) * d + lane * per_lane;
+            const u16* vj = vh + (u64)(in ? j : 0u) * d + lane * per_lane;
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < MAX_PER_LANE; ++e) {
+                if (e < per_lane) {
+                    dot = fmaf(qv[e], bf16_to_f32(kj[e]), dot);
+                    vv[u][e] = bf16_to_f32(vj[e]);
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+            s[u] = in ? dot * scale : NEG_INF;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            // NaN scores propagate; -inf ones (and padding) add nothing.
+            const float m_new = s[u] != s[u] ? s[u] : fmaxf(m, s[u]);
+            const float keep = m_new == NEG_INF ? 1.f : __expf(m - m_new);
+            const float p = m_new == NEG_INF ? 0.f : __expf(s[u] - m_new);
+            l = fmaf(l, keep, p);
+#pragma unroll
+            for (int e = 0; e < MAX_PER_LANE; ++e)
+                if (e < per_lane) acc[e] = fmaf(p, vv[u][e], acc[e] * keep);
+            m = m_new;
+        }
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; ++e)
+        if (e < per_lane) part_acc[warp][lane * per_lane + e] = acc[e];
+    __syncthreads();
+    for (u32 t = threadIdx.x; t < d; t += ATTN_WARPS * 32) {
+        float big = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) big = fmaxf(big, part_m[w]);
+        float sum_l = 0.f, sum_acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float f = part_m[w] == NEG_INF ? 0.f : __expf(part_m[w] - big);
+            sum_l = fmaf(part_l[w], f, sum_l);
+            sum_acc = fmaf(part_acc[w][t], f, sum_acc);
+        }
+        y[((u64)row * heads + head) * d + t] = f32_to_bf16(sum_acc / sum_l);
+    }
+}

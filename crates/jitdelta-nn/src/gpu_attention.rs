@@ -1,0 +1,116 @@
+//! Decode attention on CUDA: single-token steps and speculative verify blocks in one launch of
+//! `jitdelta-kernels`' attention kernel, each query row computed on its own so a verify block is
+//! bit-identical to single-token steps (the per-position loop of candle ops it replaces cost one
+//! attention per row).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use half::bf16;
+use jitdelta_kernels::attention::AttentionShape;
+use jitdelta_kernels::gpu::Attention;
+use std::sync::{Arc, OnceLock};
+
+/// The attention kernel of a decoder, compiled on first use.
+#[derive(Default)]
+pub(crate) struct FusedAttention {
+    kernel: OnceLock<Arc<Attention>>,
+}
+
+impl FusedAttention {
+    fn kernel(&self, device: &Device) -> candle_core::Result<&Arc<Attention>> {
+        if let Some(k) = self.kernel.get() {
+            return Ok(k);
+        }
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let k = Arc::new(Attention::new(stream).map_err(candle_core::Error::wrap)?);
+        Ok(self.kernel.get_or_init(|| k))
+    }
+
+    /// Attention of `q` `(1, heads, rows, d)` over `k`, `v` `(1, kv_heads, total, d)` (query row
+    /// `i` at position `total - rows + i`) as `(1, rows, heads * d)`; `None` where the kernel
+    /// does not apply (not CUDA, not BF16, batch > 1, head size not a multiple of 32 up to 256),
+    /// so the caller runs candle's ops.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (b, heads, rows, head_dim) = q.dims4()?;
+        let (_, kv_heads, total, _) = k.dims4()?;
+        let shape = AttentionShape {
+            rows,
+            heads,
+            kv_heads,
+            total,
+            head_dim,
+        };
+        if !q.device().is_cuda() || q.dtype() != DType::BF16 || b != 1 || shape.check().is_err() {
+            return Ok(None);
+        }
+        let op = DecodeAttention {
+            kernel: self.kernel(q.device())?,
+            shape,
+        };
+        let y = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        Ok(Some(y.reshape((1, rows, heads * head_dim))?))
+    }
+}
+
+struct DecodeAttention<'a> {
+    kernel: &'a Attention,
+    shape: AttentionShape,
+}
+
+fn view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, bf16>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("decode attention needs contiguous inputs");
+    };
+    Ok(s.as_cuda_slice::<bf16>()?.slice(start..end))
+}
+
+impl CustomOp3 for DecodeAttention<'_> {
+    fn name(&self) -> &'static str {
+        "jitdelta-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the decode attention kernel runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (q, k, v) = (view(s1, l1)?, view(s2, l2)?, view(s3, l3)?);
+        let dev = s1.device().clone();
+        let s = self.shape;
+        // SAFETY: the kernel writes every output element.
+        let mut y = unsafe { dev.alloc::<bf16>(s.lens().2) }?;
+        self.kernel
+            .run(&s, &q, &k, &v, &mut y.as_view_mut())
+            .map_err(candle_core::Error::wrap)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev),
+            Shape::from((s.rows, s.heads, s.head_dim)),
+        ))
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Compiles CUDA sources with NVRTC, as the kernels crate does at run time, to catch errors on a
+machine without a GPU (nvcc includes headers that NVRTC lacks, so nvcc passing proves little).
+
+    scripts/nvrtc_check.py FILE.cu...   # after: source ../shared/gpu/cuda-build-env.sh
+
+Finds libnvrtc in the CUDA wheels of cuda-build-env.sh (or $NVRTC_LIB); exits 1 on an error.
+"""
+import ctypes
+import glob
+import os
+import sys
+
+
+def load_nvrtc():
+    path = os.environ.get("NVRTC_LIB")
+    if not path:
+        hits = glob.glob(os.path.expanduser(
+            "~/.cache/cuda13-wheels/venv/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so"))
+        if not hits:
+            sys.exit("nvrtc_check: libnvrtc.so not found; set NVRTC_LIB")
+        path = hits[0]
+    # NVRTC loads its builtins library from the same folder.
+    os.environ["LD_LIBRARY_PATH"] = os.path.dirname(path) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+    ctypes.CDLL(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(path)
+
+
+def main():
+    lib = load_nvrtc()
+    failed = False
+    for path in sys.argv[1:]:
+        prog = ctypes.c_void_p()
+        src = open(path, "rb").read()
+        if lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.encode(), 0, None, None) != 0:
+            sys.exit(f"nvrtc_check: cannot create a program for {path}")
+        opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=compute_90")
+        rc = lib.nvrtcCompileProgram(prog, 1, opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        text = log.value.decode(errors="replace").strip()
+        print(f"{path}: {'ok' if rc == 0 else 'FAILED'}" + (f"\n{text}" if text else ""))
+        failed |= rc != 0
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
