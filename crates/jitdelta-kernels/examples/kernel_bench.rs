@@ -182,7 +182,12 @@ fn main() -> Res<()> {
     let stream = ctx.default_stream();
     let device = ctx.name()?;
     let defines: Vec<&str> = args.defines.iter().map(String::as_str).collect();
-    let kernels = Kernels::with_defines(stream.clone(), &defines)?;
+    // No defines: the product's kernels (both GEMV variants, picked by tensor size).
+    let kernels = if defines.is_empty() {
+        Kernels::new(stream.clone())?
+    } else {
+        Kernels::with_defines(stream.clone(), &defines)?
+    };
     let blas = CudaBlas::new(stream.clone())?;
     let mut timer = Timer {
         stream: stream.clone(),

@@ -24,45 +24,76 @@ const DECODE_THREADS: u32 = 256;
 /// Shared memory per warp and pipeline stage of the cp.async GEMV: 3 planes x 16 rows x 128 bytes.
 const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 
+/// The variant of the fused GEMV for tensors of at least this many weights (see
+/// [`Kernels::new`]).
+pub const LARGE_GEMV_WEIGHTS: usize = 100 << 20;
+/// Its tuning defines: the cp.async ring, 4 warps, 3 blocks per SM (docs/benchmarks.md: 1.31x
+/// and 1.27x cuBLAS at batch 1 on the 70B MLP shapes against 1.23x and 1.22x).
+const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"];
+
+/// One compiled variant of the fused GEMV and its launch shape.
+#[derive(Debug)]
+struct GemvKernel {
+    function: CudaFunction,
+    threads: u32,
+    smem: u32,
+}
+
+impl GemvKernel {
+    /// `jd_gemv_bf16` of `module`, compiled with `defines` (the launch shape must match the
+    /// kernel's GEMV_WARPS and GEMV_STAGES).
+    fn load(module: &Arc<cudarc::driver::CudaModule>, defines: &[&str]) -> Result<Self> {
+        let warps = define_value(defines, "GEMV_WARPS")?.unwrap_or(GEMV_WARPS);
+        let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
+        let function = module.load_function("jd_gemv_bf16")?;
+        let smem = stages * warps * GEMV_SLOT_BYTES;
+        if smem > 48 * 1024 {
+            function.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
+        // One more warp computes the escape corrections.
+        Ok(Self {
+            function,
+            threads: (warps + 1) * 32,
+            smem,
+        })
+    }
+}
+
 /// The compiled kernels, bound to one stream.
 #[derive(Debug)]
 pub struct Kernels {
     stream: Arc<CudaStream>,
     decode: CudaFunction,
     patch: CudaFunction,
-    gemv: CudaFunction,
-    gemv_threads: u32,
-    gemv_smem: u32,
+    gemv: GemvKernel,
+    gemv_large: Option<GemvKernel>,
 }
 
 impl Kernels {
-    /// Compiles the kernels for the stream's device (compute capability 8.0 or newer).
+    /// Compiles the kernels for the stream's device (compute capability 8.0 or newer), with
+    /// two fused-GEMV variants: the default, and for tensors of [`LARGE_GEMV_WEIGHTS`] or more
+    /// one that streams the planes through shared memory. The choice depends on the tensor
+    /// alone, never on the batch, so every batch size sums a row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        Self::with_defines(stream, &[])
+        let mut kernels = Self::with_defines(stream, &[])?;
+        let large = compile(&kernels.stream, SOURCE, LARGE_GEMV_DEFINES)?;
+        kernels.gemv_large = Some(GemvKernel::load(&large, LARGE_GEMV_DEFINES)?);
+        Ok(kernels)
     }
 
-    /// Like [`Kernels::new`] with extra `-D` macro definitions (tuning knobs such as
-    /// `GEMV_MIN_BLOCKS=2`; see the top of `kernels.cu`).
+    /// The kernels compiled with extra `-D` macro definitions (tuning knobs such as
+    /// `GEMV_MIN_BLOCKS=2`; see the top of `kernels.cu`) and one GEMV variant for every shape:
+    /// what benchmarks and tests of a variant use.
     pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
         let module = compile(&stream, SOURCE, defines)?;
-        // The launch shape must match the kernel's GEMV_WARPS and GEMV_STAGES.
-        let warps = define_value(defines, "GEMV_WARPS")?.unwrap_or(GEMV_WARPS);
-        let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
-        let gemv = module.load_function("jd_gemv_bf16")?;
-        let gemv_smem = stages * warps * GEMV_SLOT_BYTES;
-        if gemv_smem > 48 * 1024 {
-            gemv.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                gemv_smem as i32,
-            )?;
-        }
         Ok(Self {
-            // One more warp computes the escape corrections.
-            gemv_threads: (warps + 1) * 32,
-            gemv_smem,
+            gemv: GemvKernel::load(&module, defines)?,
+            gemv_large: None,
             decode: module.load_function("jd_decode_bf16")?,
             patch: module.load_function("jd_patch_escapes")?,
-            gemv,
             stream,
         })
     }
@@ -219,7 +250,11 @@ impl Kernels {
         }
         let (mode, routed) = sel.mode(t);
         let batch = batch as u32;
-        let mut launch = self.stream.launch_builder(&self.gemv);
+        let kernel = match &self.gemv_large {
+            Some(large) if rows * cols >= LARGE_GEMV_WEIGHTS => large,
+            _ => &self.gemv,
+        };
+        let mut launch = self.stream.launch_builder(&kernel.function);
         t.push_common(&mut launch, &mode, routed);
         launch
             .arg(&t.esc_row_start)
@@ -231,8 +266,8 @@ impl Kernels {
         let blocks = rows.div_ceil(GEMV_TILE_ROWS) as u32;
         // SAFETY: the argument list matches `jd_gemv_bf16`; sizes were checked above, rows are
         // 16-byte aligned because cols % 32 == 0, and the kernel masks rows past the end.
-        let mut config = grid((blocks, 1), self.gemv_threads);
-        config.shared_mem_bytes = self.gemv_smem;
+        let mut config = grid((blocks, 1), kernel.threads);
+        config.shared_mem_bytes = kernel.smem;
         unsafe { launch.launch(config) }?;
         Ok(())
     }

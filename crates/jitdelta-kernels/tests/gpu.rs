@@ -7,7 +7,7 @@ use cudarc::driver::{CudaContext, CudaSlice};
 use half::bf16;
 use jitdelta_format::{FloatFormat, JdFile, ResidentTensor};
 use jitdelta_kernels::attention::{reference, AttentionShape};
-use jitdelta_kernels::gpu::{Attention, Kernels};
+use jitdelta_kernels::gpu::{Attention, GpuResident, GpuSelection, Kernels};
 use jitdelta_kernels::reference::{decode_bf16, gemv, gemv_error, ChunkSelection};
 use jitdelta_kernels::Error;
 use rand::rngs::StdRng;
@@ -17,7 +17,11 @@ fn kernels() -> Kernels {
     let ctx = CudaContext::new(0).expect("a CUDA device");
     let defines = std::env::var("JITDELTA_KERNEL_DEFINES").unwrap_or_default();
     let defines: Vec<&str> = defines.split_whitespace().collect();
-    Kernels::with_defines(ctx.default_stream(), &defines).expect("kernels compile")
+    if defines.is_empty() {
+        Kernels::new(ctx.default_stream()).expect("kernels compile")
+    } else {
+        Kernels::with_defines(ctx.default_stream(), &defines).expect("kernels compile")
+    }
 }
 
 fn poisoned(k: &Kernels, n: usize) -> CudaSlice<bf16> {
@@ -393,4 +397,48 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
             &mut out.as_view_mut()
         )
         .is_err());
+}
+
+/// Runs the fused GEMV for `x` (`batch` rows) into a poisoned output and returns it.
+fn gemv_on_gpu(
+    k: &Kernels,
+    g: &GpuResident,
+    sel: &GpuSelection,
+    x: &[bf16],
+    batch: usize,
+) -> Vec<bf16> {
+    let rows = g.dims().0;
+    let xd = k.stream().clone_htod(x).unwrap();
+    let mut y = poisoned(k, batch * rows);
+    k.gemv(g, sel, &xd.as_view(), batch, &mut y.as_view_mut())
+        .unwrap();
+    k.stream().clone_dtoh(&y).unwrap()
+}
+
+/// Speculative verify passes rely on it: a row of a batch comes out bit for bit as when it is
+/// multiplied alone, for the default GEMV and for the variant of large tensors.
+#[test]
+fn gemv_rows_are_batch_invariant() {
+    let k = kernels();
+    for &(rows, cols) in &[(200, 576), (12_800, 8_192)] {
+        let w = weight_like(rows, cols, rows as u64);
+        let t = resident(&w, rows, cols, 64);
+        let g = k.upload(&t).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let x: Vec<bf16> = (0..8 * cols)
+            .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
+            .collect();
+        for sel in [GpuSelection::Exact, GpuSelection::Draft] {
+            let all = gemv_on_gpu(&k, &g, &sel, &x, 8);
+            for b in 0..8 {
+                let one = gemv_on_gpu(&k, &g, &sel, &x[b * cols..][..cols], 1);
+                assert!(
+                    one.iter()
+                        .zip(&all[b * rows..][..rows])
+                        .all(|(a, c)| a.to_bits() == c.to_bits()),
+                    "{rows}x{cols} {sel:?}: batch row {b} differs from the row alone"
+                );
+            }
+        }
+    }
 }
