@@ -441,8 +441,9 @@ jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __res
         partial[warp][g + 8][2 * tig + 1] = acc[3];
     }
     __syncthreads();
-    if (threadIdx.x < TILE_ROWS * MAX_BATCH) {
-        const u32 r = threadIdx.x / MAX_BATCH, b = threadIdx.x % MAX_BATCH;
+    // Strided, so blocks of fewer than 128 threads (GEMV_WARPS < 3) reduce every output too.
+    for (u32 t = threadIdx.x; t < TILE_ROWS * MAX_BATCH; t += blockDim.x) {
+        const u32 r = t / MAX_BATCH, b = t % MAX_BATCH;
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < GEMV_WARPS; ++w) sum += partial[w][r][b];
