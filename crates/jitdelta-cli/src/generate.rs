@@ -42,6 +42,8 @@ pub struct GenerateArgs {
     pub json: bool,
     /// Self-speculative decoding with this drafting controller.
     pub speculative: Option<jitdelta_spec::ControllerKind>,
+    /// The draft cost the controller's reward uses.
+    pub draft_cost: crate::speculative::DraftCost,
     /// The device the model runs on.
     pub device: Device,
 }

@@ -123,6 +123,12 @@ enum Command {
         #[arg(long, default_value = "ucb1", requires = "speculative",
               value_parser = speculative::parse_controller)]
         controller: jitdelta_spec::ControllerKind,
+        /// Cost of a draft pass in verify passes, for the controller's reward: a number, or
+        /// `auto` to measure it from the passes' wall times as the request runs (decisions then
+        /// depend on timing; the output does not).
+        #[arg(long, default_value = "0.7", requires = "speculative",
+              value_parser = speculative::parse_draft_cost)]
+        draft_cost: speculative::DraftCost,
     },
     /// Print per-tensor sizes and bits per weight.
     Inspect {
@@ -239,6 +245,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
             json,
             speculative,
             controller,
+            draft_cost,
             device,
         } => {
             let sampling = match temperature {
@@ -258,6 +265,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
                 sampling,
                 json,
                 speculative: speculative.then_some(controller),
+                draft_cost,
                 device: generate::open_device(&device)?,
             })?;
             Ok(ExitCode::SUCCESS)

@@ -12,6 +12,26 @@ pub fn parse_controller(s: &str) -> Result<ControllerKind, String> {
     s.parse().map_err(|e: jitdelta_spec::Error| e.to_string())
 }
 
+/// What a draft pass costs, in verify passes, for the controller's reward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DraftCost {
+    /// This ratio.
+    Fixed(f64),
+    /// Measured from the passes' wall times as the request runs.
+    Measured,
+}
+
+/// Parses `--draft-cost` (clap value parser): `auto` or a non-negative number.
+pub fn parse_draft_cost(s: &str) -> Result<DraftCost, String> {
+    if s == "auto" {
+        return Ok(DraftCost::Measured);
+    }
+    match s.parse::<f64>() {
+        Ok(c) if c.is_finite() && c >= 0.0 => Ok(DraftCost::Fixed(c)),
+        _ => Err(format!("{s}: expected auto or a non-negative number")),
+    }
+}
+
 /// Generates with `kind` deciding the draft lengths; returns the new ids and the report (the
 /// acceptance figures and the controller's state) for `--json` and stderr.
 pub fn run(
@@ -31,7 +51,16 @@ pub fn run(
             seed,
         } => (jitdelta_spec::Sampling::top_p(temperature, top_p)?, seed),
     };
-    let config = ControllerConfig::default();
+    let config = match args.draft_cost {
+        DraftCost::Fixed(draft_cost) => ControllerConfig {
+            draft_cost,
+            ..ControllerConfig::default()
+        },
+        DraftCost::Measured => ControllerConfig {
+            measure_draft_cost: true,
+            ..ControllerConfig::default()
+        },
+    };
     let mut controller = Controller::new(kind, config);
     let mut pair = SelfSpec::new(model, mode);
     let opts = GenerateOptions {
@@ -51,10 +80,26 @@ pub fn run(
     if let Some(e) = failed {
         return Err(e);
     }
-    let summary = out.stats.summary(config.draft_cost);
+    // The cost the reward ended with (measured, when asked).
+    let summary = out.stats.summary(controller.config().draft_cost);
     let report = serde_json::json!({
         "stats": summary,
         "controller": controller.state(),
     });
     Ok((out.tokens, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draft_cost_is_auto_or_a_non_negative_number() {
+        assert_eq!(parse_draft_cost("auto"), Ok(DraftCost::Measured));
+        assert_eq!(parse_draft_cost("0.45"), Ok(DraftCost::Fixed(0.45)));
+        assert_eq!(parse_draft_cost("0"), Ok(DraftCost::Fixed(0.0)));
+        for bad in ["-1", "NaN", "inf", "", "fast"] {
+            assert!(parse_draft_cost(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -95,6 +95,11 @@ pub struct ControllerConfig {
     pub draft_cost: f64,
     /// Seed of the bandit's random numbers (Thompson sampling).
     pub seed: u64,
+    /// Let [`generate`](crate::generate) replace `draft_cost` after every round with the
+    /// measured ratio of mean draft to mean verify pass wall time, so the reward follows the
+    /// hardware (on a GPU a small model's draft pass costs about a verify pass). Off by default:
+    /// decisions then depend on timing, not only on the tokens.
+    pub measure_draft_cost: bool,
 }
 
 impl Default for ControllerConfig {
@@ -103,6 +108,7 @@ impl Default for ControllerConfig {
             max_draft: 16,
             draft_cost: 0.7,
             seed: 0,
+            measure_draft_cost: false,
         }
     }
 }
@@ -255,6 +261,14 @@ impl Controller {
         let r = self.reward(drafted, accepted);
         self.bandit.update(arm, &x, r);
         r
+    }
+
+    /// Sets the draft cost the reward uses from now on (non-finite or negative values are
+    /// ignored).
+    pub fn set_draft_cost(&mut self, c: f64) {
+        if c.is_finite() && c >= 0.0 {
+            self.config.draft_cost = c;
+        }
     }
 
     /// The reward of a round that drafted `drafted` tokens and kept `accepted`: its

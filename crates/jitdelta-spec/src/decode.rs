@@ -7,6 +7,7 @@ use crate::{Controller, Error, Result};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
 
 /// The draft's output for the next position.
 #[derive(Clone, Debug)]
@@ -214,6 +215,66 @@ pub struct Generation {
     pub stats: SpecStats,
 }
 
+/// Wall time of draft and verify passes, for
+/// [`ControllerConfig::measure_draft_cost`](crate::ControllerConfig::measure_draft_cost). The
+/// passes read their results back to the host, so their wall time is their cost.
+#[derive(Clone, Debug, Default)]
+pub struct PassTimer {
+    enabled: bool,
+    draft: (Duration, u32),
+    verify: (Duration, u32),
+}
+
+impl PassTimer {
+    /// A timer that measures only when `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ..Self::default()
+        }
+    }
+
+    /// Records one draft pass of `d`.
+    pub fn record_draft(&mut self, d: Duration) {
+        self.draft = (self.draft.0 + d, self.draft.1 + 1);
+    }
+
+    /// Records one verify pass of `d`.
+    pub fn record_verify(&mut self, d: Duration) {
+        self.verify = (self.verify.0 + d, self.verify.1 + 1);
+    }
+
+    /// Mean draft pass time over mean verify pass time, once both were seen.
+    pub fn draft_cost(&self) -> Option<f64> {
+        let mean = |(total, n): (Duration, u32)| (n > 0).then(|| total.as_secs_f64() / n as f64);
+        let (d, v) = (mean(self.draft)?, mean(self.verify)?);
+        (v > 0.0).then(|| d / v)
+    }
+
+    fn time<T>(&mut self, verify: bool, f: impl FnOnce() -> T) -> T {
+        if !self.enabled {
+            return f();
+        }
+        let start = Instant::now();
+        let out = f();
+        let d = start.elapsed();
+        if verify {
+            self.record_verify(d);
+        } else {
+            self.record_draft(d);
+        }
+        out
+    }
+
+    fn draft<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        self.time(false, f)
+    }
+
+    fn verify<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        self.time(true, f)
+    }
+}
+
 /// Probability of keeping a drafted `token`: `min(1, p(token) / q(token))`.
 pub fn acceptance_probability(p: &[f32], q: &[f32], token: u32) -> f64 {
     let (pt, qt) = (p[token as usize] as f64, q[token as usize] as f64);
@@ -308,6 +369,7 @@ pub fn generate(
     model.rollback(0, 0)?;
     let mut seq = prompt.to_vec();
     let mut stats = SpecStats::default();
+    let mut timer = PassTimer::new(controller.config().measure_draft_cost);
     let mut done = opts.max_new == 0;
     while !done {
         let n = seq.len();
@@ -324,7 +386,7 @@ pub fn generate(
         };
         let (mut drafts, mut draft_probs, mut signals) = (Vec::new(), Vec::new(), Vec::new());
         if cap > 0 {
-            let mut row = model.draft(&seq[model.draft_len()..], sampling)?;
+            let mut row = timer.draft(|| model.draft(&seq[model.draft_len()..], sampling))?;
             controller.begin_round(&row.signals, n);
             loop {
                 stats.draft_passes += 1;
@@ -341,13 +403,21 @@ pub fn generate(
                 {
                     break;
                 }
-                row = model.draft(&[token], sampling)?;
+                row = timer.draft(|| model.draft(&[token], sampling))?;
             }
         }
         let mut feed = seq[model.target_len()..].to_vec();
         feed.extend_from_slice(&drafts);
-        let rows = model.verify(&feed, drafts.len() + 1, sampling)?;
+        // The prompt's pass is not a verify pass: not timed.
+        let rows = if model.target_len() == 0 {
+            model.verify(&feed, drafts.len() + 1, sampling)?
+        } else {
+            timer.verify(|| model.verify(&feed, drafts.len() + 1, sampling))?
+        };
         stats.target_passes += 1;
+        if let Some(c) = timer.draft_cost() {
+            controller.set_draft_cost(c);
+        }
         let (accepted, next) = verify_drafts(&drafts, &draft_probs, &rows, sampling, &mut rng)?;
         if !drafts.is_empty() {
             controller.end_round(drafts.len(), accepted);
@@ -376,6 +446,102 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Controller, ControllerConfig, Signals};
+
+    #[test]
+    fn pass_timer_reports_the_ratio_of_mean_times() {
+        let mut t = PassTimer::new(true);
+        assert_eq!(t.draft_cost(), None);
+        t.record_draft(Duration::from_millis(2));
+        assert_eq!(t.draft_cost(), None, "no verify pass yet");
+        t.record_draft(Duration::from_millis(4));
+        t.record_verify(Duration::from_millis(6));
+        assert!((t.draft_cost().unwrap() - 0.5).abs() < 1e-12);
+        t.record_verify(Duration::ZERO);
+        assert!((t.draft_cost().unwrap() - 1.0).abs() < 1e-12);
+        let zero = PassTimer {
+            verify: (Duration::ZERO, 1),
+            ..t
+        };
+        assert_eq!(zero.draft_cost(), None, "a zero verify time gives no ratio");
+    }
+
+    /// Counts up; the draft agrees except at multiples of 4. Its draft pass sleeps
+    /// `draft_ms`, its verify pass `verify_ms`.
+    struct Sleepy {
+        draft: Vec<u32>,
+        target: Vec<u32>,
+        draft_ms: u64,
+        verify_ms: u64,
+    }
+
+    impl SpecModel for Sleepy {
+        fn draft(&mut self, tokens: &[u32], _: &Sampling) -> Result<DraftRow> {
+            std::thread::sleep(Duration::from_millis(self.draft_ms));
+            self.draft.extend_from_slice(tokens);
+            let next = tokens[tokens.len() - 1] + 1;
+            Ok(DraftRow {
+                argmax: if next % 4 == 0 { 0 } else { next },
+                signals: Signals::from_probs(&[0.9, 0.1]),
+                probs: None,
+            })
+        }
+        fn verify(&mut self, tokens: &[u32], rows: usize, _: &Sampling) -> Result<Vec<TargetRow>> {
+            std::thread::sleep(Duration::from_millis(self.verify_ms));
+            self.target.extend_from_slice(tokens);
+            Ok(tokens[tokens.len() - rows..]
+                .iter()
+                .map(|&t| TargetRow {
+                    argmax: t + 1,
+                    probs: None,
+                })
+                .collect())
+        }
+        fn draft_len(&self) -> usize {
+            self.draft.len()
+        }
+        fn target_len(&self) -> usize {
+            self.target.len()
+        }
+        fn rollback(&mut self, d: usize, t: usize) -> Result<()> {
+            self.draft.truncate(d);
+            self.target.truncate(t);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn measured_draft_cost_follows_the_pass_times_and_keeps_the_output() {
+        let opts = GenerateOptions {
+            max_new: 16,
+            sampling: Sampling::Greedy,
+            stop: vec![],
+            seed: 0,
+        };
+        for measure in [false, true] {
+            let mut model = Sleepy {
+                draft: vec![],
+                target: vec![],
+                draft_ms: 1,
+                verify_ms: 20,
+            };
+            let config = ControllerConfig {
+                measure_draft_cost: measure,
+                ..ControllerConfig::default()
+            };
+            let mut controller = Controller::new("ucb1".parse().unwrap(), config);
+            let out = generate(&mut model, &mut controller, &[1], &opts, |_| Ok(())).unwrap();
+            assert_eq!(out.tokens, (2..18).collect::<Vec<u32>>());
+            let c = controller.config().draft_cost;
+            if measure {
+                // Sleeps are lower bounds: a 1 ms draft against a 20 ms verify stays far below
+                // the default 0.7 however the scheduler delays the draft.
+                assert!(c < 0.5, "measured draft cost {c}");
+            } else {
+                assert_eq!(c, 0.7);
+            }
+        }
+    }
 
     #[test]
     fn acceptance_rule_reproduces_the_target_exactly() {

@@ -84,7 +84,7 @@ pub use bandit::{ArmStats, Bandit, BanditKind};
 pub use controller::{ArmState, Controller, ControllerConfig, ControllerKind, ControllerState};
 pub use decode::{
     acceptance_probability, generate, residual, verify_drafts, DraftRow, GenerateOptions,
-    Generation, SpecModel, SpecStats, SpecSummary, TargetRow,
+    Generation, PassTimer, SpecModel, SpecStats, SpecSummary, TargetRow,
 };
 pub use error::{Error, Result};
 pub use model::SelfSpec;
