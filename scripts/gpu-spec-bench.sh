@@ -2,8 +2,9 @@
 # Speculative decoding wall clock on the GPU (issue 5): dense BF16, plain Exact, Draft and
 # speculative Exact with several controllers, batch 1, greedy, same card, same run.
 #
-#   scripts/gpu-spec-bench.sh MODEL_DIR [TOKENS] [CONTROLLER...]   # on the GPU machine
+#   scripts/gpu-spec-bench.sh MODEL_DIR [TOKENS] [CONTROLLER[@COST]...]   # on the GPU machine
 #
+# CONTROLLER@COST runs the controller with --draft-cost COST (e.g. ucb1@auto).
 # MODEL_DIR: a safetensors folder with config.json and tokenizer.json (dense BF16 reads it;
 # it is compressed to $WORK/model.jd for the JIT runs). Needs gpu-bin/jitdelta-cuda (the CLI
 # built with --features cuda; docs/gpu.md). One process per run; a short warm-up run first
@@ -50,7 +51,10 @@ for p in "${!prompts[@]}"; do
     run exact "$p" --model "$work/model.jd"
     run draft "$p" --model "$work/model.jd" --mode draft
     for c in "${controllers[@]}"; do
-        run "spec $c" "$p" --model "$work/model.jd" --speculative --controller "$c"
+        # CONTROLLER@COST passes --draft-cost COST (a number, or auto to measure it).
+        cost=()
+        [[ $c == *@* ]] && cost=(--draft-cost "${c#*@}")
+        run "spec $c" "$p" --model "$work/model.jd" --speculative --controller "${c%@*}" "${cost[@]}"
     done
 done
 
