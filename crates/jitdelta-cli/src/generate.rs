@@ -233,40 +233,19 @@ fn decode_loop(
     Ok(out)
 }
 
-/// Picks the next token from one row of logits.
-fn pick(logits: &Tensor, sampling: &Sampling, rng: &mut impl Rng) -> candle_core::Result<u32> {
+/// Picks the next token from one row of logits: argmax, or a draw from the same top-p
+/// distribution speculative decoding verifies against (`jitdelta_spec::Sampling::probs`).
+fn pick(
+    logits: &Tensor,
+    sampling: &Sampling,
+    rng: &mut impl Rng,
+) -> Result<u32, Box<dyn std::error::Error>> {
     let Sampling::TopP {
         temperature, top_p, ..
     } = *sampling
     else {
-        return logits.argmax(0)?.to_scalar::<u32>();
+        return Ok(logits.argmax(0)?.to_scalar::<u32>()?);
     };
-    let logits: Vec<f32> = logits.to_vec1()?;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, ((l as f64 - max) / temperature).exp()))
-        .collect();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    let mut kept = 0.0;
-    let mut cut = probs.len();
-    for (i, p) in probs.iter().enumerate() {
-        kept += p.1 / total;
-        if kept >= top_p {
-            cut = i + 1;
-            break;
-        }
-    }
-    let nucleus = &probs[..cut];
-    let mass: f64 = nucleus.iter().map(|p| p.1).sum();
-    let mut u = rng.random::<f64>() * mass;
-    for &(id, p) in nucleus {
-        if u < p {
-            return Ok(id);
-        }
-        u -= p;
-    }
-    Ok(nucleus[nucleus.len() - 1].0)
+    let rule = jitdelta_spec::Sampling::top_p(temperature, top_p)?;
+    Ok(jitdelta_spec::sample(&rule.probs(&logits.to_vec1()?), rng))
 }
