@@ -172,6 +172,14 @@ struct StepData {
     uint4 x[4 * LANE_VECS];
 };
 
+// The 4 activation vectors of one lane's 32 columns from column c (zeros when `present` is
+// false: past the end, or a lane without an activation row).
+__device__ __forceinline__ void load_x(uint4* x, const u16* __restrict__ xrow, bool present, u32 c) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        x[q] = present ? __ldg(reinterpret_cast<const uint4*>(xrow + c) + q) : make_uint4(0, 0, 0, 0);
+}
+
 __device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8* __restrict__ S,
                                               const u8* __restrict__ L, u64 row_a, u64 row_b,
                                               bool va, bool vb, bool ea, bool eb,
@@ -193,9 +201,7 @@ __device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8
         d.pb[j] = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(P + ob)) : z;
         d.sb[j] = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(S + ob)) : z;
         d.lb[j] = (in && eb) ? __ldg(reinterpret_cast<const uint4*>(L + ob)) : z;
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            d.x[4 * j + q] = (in && has_x) ? __ldg(reinterpret_cast<const uint4*>(xrow + c) + q) : z;
+        load_x(d.x + 4 * j, xrow, in && has_x, c);
     }
     return d;
 }
@@ -298,10 +304,7 @@ __device__ __forceinline__ StepData read_step(const uint4* stage, u32 g, u32 tig
 #pragma unroll
     for (int j = 0; j < LANE_VECS; ++j) {
         const u32 c = col + 32 * j;
-        const bool in = c < cols;
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            d.x[4 * j + q] = (in && has_x) ? __ldg(reinterpret_cast<const uint4*>(xrow + c) + q) : z;
+        load_x(d.x + 4 * j, xrow, c < cols && has_x, c);
         const u32 sa = g * 8 + ((2 * tig + j) ^ g), sb = sa + 8 * 8;
         d.pa[j] = stage[sa];
         d.sa[j] = stage[TILE_ROWS * 8 + sa];
