@@ -2,14 +2,18 @@
 """Compiles CUDA sources with NVRTC, as the kernels crate does at run time, to catch errors on a
 machine without a GPU (nvcc includes headers that NVRTC lacks, so nvcc passing proves little).
 
-    scripts/nvrtc_check.py FILE.cu...   # after: source ../shared/gpu/cuda-build-env.sh
+    scripts/nvrtc_check.py [-DNAME=VALUE]... [--ptxas] FILE.cu...
+        # after: source ../shared/gpu/cuda-build-env.sh; --ptxas also assembles the PTX for
+        # sm_90 and prints each kernel's registers, spills and shared memory (ptxas -v)
 
 Finds libnvrtc in the CUDA wheels of cuda-build-env.sh (or $NVRTC_LIB); exits 1 on an error.
 """
 import ctypes
 import glob
 import os
+import subprocess
 import sys
+import tempfile
 
 
 def load_nvrtc():
@@ -26,16 +30,38 @@ def load_nvrtc():
     return ctypes.CDLL(path)
 
 
+def ptx_of(lib, prog):
+    size = ctypes.c_size_t()
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    return ptx.value
+
+
+def ptxas_report(ptx):
+    """Registers, spills and shared memory per kernel, from `ptxas -v` for sm_90."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        open(src, "wb").write(ptx)
+        run = subprocess.run(["ptxas", "-arch=sm_90", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    return (run.stdout + run.stderr).strip()
+
+
 def main():
     lib = load_nvrtc()
+    args = sys.argv[1:]
+    defines = [a.encode() for a in args if a.startswith("-D")]
+    want_ptxas = "--ptxas" in args
     failed = False
-    for path in sys.argv[1:]:
+    for path in [a for a in args if not a.startswith("-")]:
         prog = ctypes.c_void_p()
         src = open(path, "rb").read()
         if lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.encode(), 0, None, None) != 0:
             sys.exit(f"nvrtc_check: cannot create a program for {path}")
-        opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=compute_90")
-        rc = lib.nvrtcCompileProgram(prog, 1, opts)
+        flags = [b"--gpu-architecture=compute_90"] + defines
+        opts = (ctypes.c_char_p * len(flags))(*flags)
+        rc = lib.nvrtcCompileProgram(prog, len(flags), opts)
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value)
@@ -43,6 +69,8 @@ def main():
         text = log.value.decode(errors="replace").strip()
         print(f"{path}: {'ok' if rc == 0 else 'FAILED'}" + (f"\n{text}" if text else ""))
         failed |= rc != 0
+        if rc == 0 and want_ptxas:
+            print(ptxas_report(ptx_of(lib, prog)))
     sys.exit(1 if failed else 0)
 
 

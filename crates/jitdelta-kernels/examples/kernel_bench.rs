@@ -31,6 +31,9 @@ const SHAPES: [(usize, usize); 6] = [
 ];
 const BATCHES: [usize; 3] = [1, 4, 8];
 const CHUNK_ROWS: usize = 64;
+/// The back-to-back timing runs over copies of a tensor totalling at least this many BF16
+/// bytes, so no launch finds its weights in L2 (50 MB on an H100).
+const SEQUENCE_BYTES: usize = 256 << 20;
 
 struct Args {
     iters: usize,
@@ -98,22 +101,75 @@ fn activations(n: usize, seed: u64) -> Vec<bf16> {
         .collect()
 }
 
+/// How the L2 cache is emptied before each timed run.
+#[derive(Clone, Copy, Debug)]
+enum Flush {
+    /// Read 256 MB (a cuBLAS f32 GEMV over it): L2 ends up holding clean lines, as after the
+    /// previous layer's weight reads in a real decode step.
+    Read,
+    /// memset 256 MB: L2 ends up full of dirty lines, whose write-back the timed kernel then
+    /// pays for (the usual `cache.zero_()` method; charges ~L2-size of extra DRAM writes).
+    Write,
+}
+
 struct Timer {
     stream: Arc<CudaStream>,
-    flush: CudaSlice<u8>,
+    blas: Arc<CudaBlas>,
+    /// 8192 x 8192 f32 (256 MB), with the GEMV's x and y.
+    flush: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>),
     iters: usize,
 }
 
+const FLUSH_SIDE: usize = 8192;
+
 impl Timer {
-    /// Median microseconds of `f`, with L2 flushed before every run.
-    fn time(&mut self, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+    fn new(stream: &Arc<CudaStream>, blas: Arc<CudaBlas>, iters: usize) -> Res<Self> {
+        Ok(Self {
+            flush: (
+                stream.alloc_zeros::<f32>(FLUSH_SIDE * FLUSH_SIDE)?,
+                stream.alloc_zeros::<f32>(FLUSH_SIDE)?,
+                stream.alloc_zeros::<f32>(FLUSH_SIDE)?,
+            ),
+            stream: stream.clone(),
+            blas,
+            iters,
+        })
+    }
+
+    fn flush(&mut self, how: Flush) -> Res<()> {
+        let (a, x, y) = &mut self.flush;
+        match how {
+            Flush::Write => self.stream.memset_zeros(a)?,
+            Flush::Read => {
+                let n = FLUSH_SIDE as i32;
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_T,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: n,
+                    n: 1,
+                    k: n,
+                    alpha: 1.0f32,
+                    lda: n,
+                    ldb: n,
+                    beta: 0.0,
+                    ldc: n,
+                };
+                // SAFETY: a is n x n, x and y hold n values.
+                unsafe { self.blas.gemm(cfg, &*a, &*x, y) }?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Median microseconds of `f`, with L2 flushed (`how`) before every run.
+    fn time(&mut self, how: Flush, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
         let ctx = self.stream.context().clone();
         let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         f()?;
         let mut t = Vec::with_capacity(self.iters);
         for _ in 0..self.iters {
-            self.stream.memset_zeros(&mut self.flush)?;
+            self.flush(how)?;
             start.record(&self.stream)?;
             f()?;
             end.record(&self.stream)?;
@@ -122,6 +178,22 @@ impl Timer {
         }
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])
+    }
+
+    /// Median microseconds per call of `f(0), f(1), .., f(n - 1)` launched back to back (after
+    /// a read flush): like consecutive layers of a forward pass, each launch's fixed cost
+    /// overlaps the previous one's work. Each `f(i)` must read its own weights.
+    fn time_sequence(&mut self, n: usize, mut f: impl FnMut(usize) -> Res<()>) -> Res<f64> {
+        let total = self.time(Flush::Read, || (0..n).try_for_each(&mut f))?;
+        Ok(total / n as f64)
+    }
+
+    /// Median microseconds of `f` after a read flush and after a write flush.
+    fn time_both(&mut self, mut f: impl FnMut() -> Res<()>) -> Res<(f64, f64)> {
+        Ok((
+            self.time(Flush::Read, &mut f)?,
+            self.time(Flush::Write, &mut f)?,
+        ))
     }
 }
 
@@ -188,14 +260,12 @@ fn main() -> Res<()> {
     } else {
         Kernels::with_defines(stream.clone(), &defines)?
     };
-    let blas = CudaBlas::new(stream.clone())?;
-    let mut timer = Timer {
-        stream: stream.clone(),
-        flush: stream.alloc_zeros::<u8>(256 << 20)?,
-        iters: args.iters,
-    };
+    let blas = Arc::new(CudaBlas::new(stream.clone())?);
+    let mut timer = Timer::new(&stream, blas.clone(), args.iters)?;
     println!(
-        "device: {device}; kernel defines: {defines:?}; median of {} runs, L2 flushed",
+        "device: {device}; kernel defines: {defines:?}; median of {} runs, L2 flushed by a 256 MB read \
+         (in brackets: by a 256 MB memset, which leaves L2 dirty; in braces: launches back to back \
+         over copies of the weights, per launch)",
         args.iters
     );
     let mut report =
@@ -210,7 +280,7 @@ fn main() -> Res<()> {
         .unwrap_or(1 << 20);
     let src = stream.alloc_zeros::<bf16>(biggest)?;
     let mut dst = stream.alloc_zeros::<bf16>(biggest)?;
-    let copy_us = timer.time(|| Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    let copy_us = timer.time(Flush::Read, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
     let copy_gbs = (biggest * 4) as f64 / copy_us / 1e3;
     println!(
         "copy {} MB bf16: {copy_us:.1} us = {copy_gbs:.0} GB/s (read + write)",
@@ -227,6 +297,16 @@ fn main() -> Res<()> {
         let t = ResidentTensor::from_exact(FloatFormat::BF16, rows, cols, CHUNK_ROWS, 3, bytes)?;
         let g = kernels.upload(&t)?;
         let dense = stream.clone_htod(&w)?;
+        // More copies for the back-to-back timing (the same number for cuBLAS and ours).
+        let copies = SEQUENCE_BYTES.div_ceil(rows * cols * 2).max(2);
+        let gs = (1..copies)
+            .map(|_| kernels.upload(&t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let denses = (1..copies)
+            .map(|_| stream.clone_htod(&w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let g_copy = |i: usize| if i == 0 { &g } else { &gs[i - 1] };
+        let dense_copy = |i: usize| if i == 0 { &dense } else { &denses[i - 1] };
         let held = g.bytes_held() as f64 / (rows * cols * 2) as f64;
 
         // Bit-exactness and GEMV correctness.
@@ -250,8 +330,10 @@ fn main() -> Res<()> {
         // Timings.
         let (exact, draft) = (GpuSelection::Exact, GpuSelection::Draft);
         let mut out = dst.slice_mut(..rows * cols);
-        let decode_us = timer.time(|| Ok(kernels.decode(&g, &exact, &mut out)?))?;
+        let (decode_us, decode_dirty_us) =
+            timer.time_both(|| Ok(kernels.decode(&g, &exact, &mut out)?))?;
         let decode_gbs = (rows * cols * 2) as f64 / decode_us / 1e3;
+        let decode_dirty_gbs = (rows * cols * 2) as f64 / decode_dirty_us / 1e3;
         let mut per_batch = Vec::new();
         for batch in BATCHES {
             let x = stream.clone_htod(&activations(batch * cols, batch as u64))?;
@@ -270,33 +352,61 @@ fn main() -> Res<()> {
             };
             // SAFETY: W is rows x cols row-major (= cols x rows column-major), x is batch x cols,
             // y is batch x rows; all buffers are that size.
-            let cublas_us = timer.time(|| Ok(unsafe { blas.gemm(cfg, &dense, &x, &mut y) }?))?;
-            let exact_us = timer.time(|| {
+            let (cublas_us, cublas_dirty_us) =
+                timer.time_both(|| Ok(unsafe { blas.gemm(cfg, &dense, &x, &mut y) }?))?;
+            let (exact_us, exact_dirty_us) = timer.time_both(|| {
                 Ok(kernels.gemv(&g, &exact, &x.as_view(), batch, &mut y.as_view_mut())?)
             })?;
-            let draft_us = timer.time(|| {
+            let (draft_us, draft_dirty_us) = timer.time_both(|| {
                 Ok(kernels.gemv(&g, &draft, &x.as_view(), batch, &mut y.as_view_mut())?)
             })?;
+            // SAFETY: as above, for each copy.
+            let cublas_seq_us = timer.time_sequence(copies, |i| {
+                Ok(unsafe { blas.gemm(cfg, dense_copy(i), &x, &mut y) }?)
+            })?;
+            let exact_seq_us = timer.time_sequence(copies, |i| {
+                Ok(kernels.gemv(g_copy(i), &exact, &x.as_view(), batch, &mut y.as_view_mut())?)
+            })?;
+            let draft_seq_us = timer.time_sequence(copies, |i| {
+                Ok(kernels.gemv(g_copy(i), &draft, &x.as_view(), batch, &mut y.as_view_mut())?)
+            })?;
             println!(
-                "{rows:>5}x{cols:<5} b{batch}: cuBLAS {cublas_us:7.1} us | exact {exact_us:7.1} us ({:.2}x) | draft {draft_us:7.1} us ({:.2}x)",
+                "{rows:>5}x{cols:<5} b{batch}: cuBLAS {cublas_us:6.1} us [{cublas_dirty_us:6.1}] {{{cublas_seq_us:6.1}}} | exact {exact_us:6.1} us ({:.2}x) [{:.2}x] {{{:.2}x}} | draft {draft_us:6.1} us ({:.2}x) [{:.2}x] {{{:.2}x}}",
                 cublas_us / exact_us,
-                cublas_us / draft_us
+                cublas_dirty_us / exact_dirty_us,
+                cublas_seq_us / exact_seq_us,
+                cublas_us / draft_us,
+                cublas_dirty_us / draft_dirty_us,
+                cublas_seq_us / draft_seq_us,
             );
             per_batch.push(serde_json::json!({
                 "batch": batch, "cublas_us": cublas_us, "exact_us": exact_us, "draft_us": draft_us,
                 "exact_speedup": cublas_us / exact_us, "draft_speedup": cublas_us / draft_us,
+                "back_to_back": {
+                    "copies": copies, "cublas_us": cublas_seq_us, "exact_us": exact_seq_us,
+                    "draft_us": draft_seq_us, "exact_speedup": cublas_seq_us / exact_seq_us,
+                    "draft_speedup": cublas_seq_us / draft_seq_us,
+                },
+                "dirty_flush": {
+                    "cublas_us": cublas_dirty_us, "exact_us": exact_dirty_us, "draft_us": draft_dirty_us,
+                    "exact_speedup": cublas_dirty_us / exact_dirty_us,
+                    "draft_speedup": cublas_dirty_us / draft_dirty_us,
+                },
             }));
         }
         println!(
-            "{rows:>5}x{cols:<5}: bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy)",
+            "{rows:>5}x{cols:<5}: bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy) [{decode_dirty_gbs:.0} GB/s, {:.0}%]",
             100.0 * t.escape_count() as f64 / (rows * cols) as f64,
             100.0 * held,
-            100.0 * decode_gbs / copy_gbs
+            100.0 * decode_gbs / copy_gbs,
+            100.0 * decode_dirty_gbs / copy_gbs
         );
         shapes.push(serde_json::json!({
             "rows": rows, "cols": cols, "bit_exact": exact_ok, "gemv_error": gemv_err,
             "escapes": t.escape_count(), "held_fraction_of_bf16": held,
-            "decode_us": decode_us, "decode_gbs": decode_gbs, "batches": per_batch,
+            "decode_us": decode_us, "decode_gbs": decode_gbs,
+            "decode_dirty_flush_us": decode_dirty_us, "decode_dirty_flush_gbs": decode_dirty_gbs,
+            "batches": per_batch,
         }));
     }
     report["shapes"] = shapes.into();

@@ -27,26 +27,35 @@ const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 /// The variant of the fused GEMV for tensors of at least this many weights (see
 /// [`Kernels::new`]).
 pub const LARGE_GEMV_WEIGHTS: usize = 100 << 20;
-/// Its tuning defines: the cp.async ring, 4 warps, 3 blocks per SM (docs/benchmarks.md: 1.31x
-/// and 1.27x cuBLAS at batch 1 on the 70B MLP shapes against 1.23x and 1.22x).
+/// Its tuning defines for exact and routed selections: the cp.async ring, 4 warps, 3 blocks per
+/// SM (docs/benchmarks.md: 1.31x and 1.27x cuBLAS at batch 1 on the 70B MLP shapes against
+/// 1.23x and 1.22x).
 const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"];
+/// And for the draft, which reads two planes of three: registers, 4 warps, 4 blocks per SM
+/// (3-10% faster than the ring on the 70B shapes, docs/benchmarks.md). The same 4 warps split
+/// the columns the same way, so routed draft rows equal the draft kernel's bit for bit.
+const LARGE_DRAFT_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=4"];
 
-/// One compiled variant of the fused GEMV and its launch shape.
+/// One fused-GEMV kernel and its launch shape.
 #[derive(Debug)]
-struct GemvKernel {
+struct GemvLaunch {
     function: CudaFunction,
     threads: u32,
     smem: u32,
 }
 
-impl GemvKernel {
-    /// `jd_gemv_bf16` of `module`, compiled with `defines` (the launch shape must match the
+impl GemvLaunch {
+    /// Kernel `name` of `module`, compiled with `defines` (the launch shape must match the
     /// kernel's GEMV_WARPS and GEMV_STAGES).
-    fn load(module: &Arc<cudarc::driver::CudaModule>, defines: &[&str]) -> Result<Self> {
+    fn load(
+        module: &Arc<cudarc::driver::CudaModule>,
+        defines: &[&str],
+        name: &str,
+    ) -> Result<Self> {
         let warps = define_value(defines, "GEMV_WARPS")?.unwrap_or(GEMV_WARPS);
         let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
-        let function = module.load_function("jd_gemv_bf16")?;
         let smem = stages * warps * GEMV_SLOT_BYTES;
+        let function = module.load_function(name)?;
         if smem > 48 * 1024 {
             function.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -58,6 +67,26 @@ impl GemvKernel {
             function,
             threads: (warps + 1) * 32,
             smem,
+        })
+    }
+}
+
+/// The fused GEMV for one class of tensor sizes: a kernel for routed selections (mode read at
+/// run time) and one specialised per whole-tensor mode.
+#[derive(Debug)]
+struct GemvKernel {
+    routed: GemvLaunch,
+    exact: GemvLaunch,
+    draft: GemvLaunch,
+}
+
+impl GemvKernel {
+    /// All three kernels from one module compiled with `defines`.
+    fn load(module: &Arc<cudarc::driver::CudaModule>, defines: &[&str]) -> Result<Self> {
+        Ok(Self {
+            routed: GemvLaunch::load(module, defines, "jd_gemv_bf16")?,
+            exact: GemvLaunch::load(module, defines, "jd_gemv_bf16_exact")?,
+            draft: GemvLaunch::load(module, defines, "jd_gemv_bf16_draft")?,
         })
     }
 }
@@ -74,13 +103,19 @@ pub struct Kernels {
 
 impl Kernels {
     /// Compiles the kernels for the stream's device (compute capability 8.0 or newer), with
-    /// two fused-GEMV variants: the default, and for tensors of [`LARGE_GEMV_WEIGHTS`] or more
-    /// one that streams the planes through shared memory. The choice depends on the tensor
+    /// two sets of fused-GEMV variants: the default, and for tensors of [`LARGE_GEMV_WEIGHTS`]
+    /// or more one that streams the planes through shared memory (exact and routed) and one
+    /// with more, smaller blocks (draft). The choice depends on the tensor and the selection
     /// alone, never on the batch, so every batch size sums a row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let mut kernels = Self::with_defines(stream, &[])?;
         let large = compile(&kernels.stream, SOURCE, LARGE_GEMV_DEFINES)?;
-        kernels.gemv_large = Some(GemvKernel::load(&large, LARGE_GEMV_DEFINES)?);
+        let draft = compile(&kernels.stream, SOURCE, LARGE_DRAFT_DEFINES)?;
+        kernels.gemv_large = Some(GemvKernel {
+            routed: GemvLaunch::load(&large, LARGE_GEMV_DEFINES, "jd_gemv_bf16")?,
+            exact: GemvLaunch::load(&large, LARGE_GEMV_DEFINES, "jd_gemv_bf16_exact")?,
+            draft: GemvLaunch::load(&draft, LARGE_DRAFT_DEFINES, "jd_gemv_bf16_draft")?,
+        });
         Ok(kernels)
     }
 
@@ -124,7 +159,6 @@ impl Kernels {
             s: s.clone_htod(&some_u8(&d.s))?,
             l: s.clone_htod(&some_u8(&d.l))?,
             bases: s.clone_htod(&some_u8(&d.bases))?,
-            esc_start: s.clone_htod(&d.escape_start)?,
             esc_pos: s.clone_htod(if d.escape_pos.is_empty() {
                 &[0u32][..]
             } else {
@@ -192,17 +226,15 @@ impl Kernels {
         if t.escapes == 0 {
             return Ok(());
         }
-        let (escapes, chunks) = (t.escapes as u32, t.chunks as u32);
+        let escapes = t.escapes as u32;
         let mut launch = self.stream.launch_builder(&self.patch);
         launch
             .arg(&t.p)
             .arg(&t.s)
             .arg(&t.l)
-            .arg(&t.esc_start)
             .arg(&t.esc_pos)
             .arg(&t.esc_exp)
             .arg(&escapes)
-            .arg(&chunks)
             .arg(routed)
             .arg(&mode)
             .arg(&t.cols)
@@ -253,6 +285,11 @@ impl Kernels {
         let kernel = match &self.gemv_large {
             Some(large) if rows * cols >= LARGE_GEMV_WEIGHTS => large,
             _ => &self.gemv,
+        };
+        let kernel = match sel {
+            GpuSelection::Exact => &kernel.exact,
+            GpuSelection::Draft => &kernel.draft,
+            GpuSelection::Routed(_) => &kernel.routed,
         };
         let mut launch = self.stream.launch_builder(&kernel.function);
         t.push_common(&mut launch, &mode, routed);
@@ -398,7 +435,6 @@ pub struct GpuResident {
     s: CudaSlice<u8>,
     l: CudaSlice<u8>,
     bases: CudaSlice<u8>,
-    esc_start: CudaSlice<u32>,
     esc_pos: CudaSlice<u32>,
     esc_exp: CudaSlice<u8>,
     esc_row_start: CudaSlice<u32>,
@@ -449,7 +485,6 @@ impl GpuResident {
             + self.s.num_bytes()
             + self.l.num_bytes()
             + self.bases.num_bytes()
-            + self.esc_start.num_bytes()
             + self.esc_pos.num_bytes()
             + self.esc_exp.num_bytes()
             + self.esc_row_start.num_bytes()

@@ -115,23 +115,19 @@ jd_decode_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __r
 }
 
 // One thread per escape: the true value (exact or draft per chunk) over the decoded placeholder.
+// Chunks are contiguous runs of chunk_rows * cols values, so an escape's chunk is its position
+// divided by that.
 extern "C" __global__ void __launch_bounds__(256)
 jd_patch_escapes(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
-                 const u32* __restrict__ esc_start, const u32* __restrict__ esc_pos,
-                 const u8* __restrict__ esc_exp, u32 escapes, u32 chunks,
+                 const u32* __restrict__ esc_pos, const u8* __restrict__ esc_exp, u32 escapes,
                  const u8* __restrict__ routed, int mode,
                  u32 cols, u32 chunk_rows, u64 segment, u16* __restrict__ out) {
     const u32 e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= escapes) return;
-    u32 lo = 0, hi = chunks;  // the chunk c with esc_start[c] <= e < esc_start[c + 1]
-    while (hi - lo > 1) {
-        const u32 mid = (lo + hi) / 2;
-        if (esc_start[mid] <= e) lo = mid; else hi = mid;
-    }
-    const u64 pos = esc_pos[e];
-    const u32 i = (u32)(pos - (u64)lo * chunk_rows * cols);
-    const Fields f = fields_at(P, S, L, (u64)lo * segment, i);
-    out[pos] = (u16)bf16_bits(f, esc_exp[e], chunk_is_exact(mode, routed, lo));
+    const u64 pos = esc_pos[e], per_chunk = (u64)chunk_rows * cols;
+    const u32 c = (u32)(pos / per_chunk);
+    const Fields f = fields_at(P, S, L, (u64)c * segment, (u32)(pos - (u64)c * per_chunk));
+    out[pos] = (u16)bf16_bits(f, esc_exp[e], chunk_is_exact(mode, routed, c));
 }
 
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const u32 b[2]) {
@@ -371,18 +367,26 @@ __device__ __forceinline__ void escape_corrections(
 // step straight into mma.m16n8k16 A fragments (consecutive column pairs, so the activations
 // load as they are), so decoded weights never leave registers and the tensor cores multiply
 // for every batch size up to 8. Requires cols % 32 == 0.
-extern "C" __global__ void __launch_bounds__((GEMV_WARPS + 1) * 32, GEMV_MIN_BLOCKS)
-jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
-             const u8* __restrict__ bases, const u8* __restrict__ routed, int mode,
-             u32 rows, u32 cols, u32 chunk_rows, u64 segment,
-             const u32* __restrict__ esc_row_start, const u32* __restrict__ esc_pos,
-             const float2* __restrict__ esc_corr,
-             const u16* __restrict__ x, u32 batch, u16* __restrict__ y) {
+#define GEMV_PARAMS                                                                              \
+    const u8 *__restrict__ P, const u8 *__restrict__ S, const u8 *__restrict__ L,                \
+        const u8 *__restrict__ bases, const u8 *__restrict__ routed, int mode, u32 rows, u32 cols, \
+        u32 chunk_rows, u64 segment, const u32 *__restrict__ esc_row_start,                      \
+        const u32 *__restrict__ esc_pos, const float2 *__restrict__ esc_corr,                    \
+        const u16 *__restrict__ x, u32 batch, u16 *__restrict__ y
+#define GEMV_ARGS(mode) \
+    P, S, L, bases, routed, mode, rows, cols, chunk_rows, segment, esc_row_start, esc_pos, esc_corr, x, batch, y
+
+__device__ __forceinline__ void gemv_body(GEMV_PARAMS) {
     __shared__ float partial[GEMV_WARPS][TILE_ROWS][MAX_BATCH];
     __shared__ float corr[TILE_ROWS][MAX_BATCH];
+    __shared__ int rescale[TILE_ROWS];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 r0 = blockIdx.x * TILE_ROWS;
     if (warp == GEMV_WARPS) {
+        // The rows' exponent shifts, fetched while the planes stream rather than after the
+        // block's final barrier (a dependent DRAM round trip at the tail of every block).
+        if (lane < TILE_ROWS)
+            rescale[lane] = r0 + lane < rows ? (int)bases[(r0 + lane) / chunk_rows] - SCALED_EXPONENT : 0;
         escape_corrections(esc_row_start, esc_pos, esc_corr, routed, mode, rows, cols, chunk_rows,
                            r0, x, batch, lane, corr);
     } else {
@@ -452,6 +456,16 @@ jd_gemv_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __res
         for (int w = 0; w < GEMV_WARPS; ++w) sum += partial[w][r][b];
         const u32 row = r0 + r;
         if (row < rows && b < batch)
-            y[(u64)b * rows + row] = f32_to_bf16(ldexpf(sum, (int)bases[row / chunk_rows] - SCALED_EXPONENT) + corr[r][b]);
+            y[(u64)b * rows + row] = f32_to_bf16(ldexpf(sum, rescale[r]) + corr[r][b]);
     }
 }
+
+// The kernels: mode chosen at run time (routed), and one per whole-tensor mode, where the
+// constant mode folds away the per-chunk choice (and, for the draft, plane L's registers).
+// Every mode of one module sums a row in the same order, so a routed row equals the exact or
+// draft row bit for bit.
+#define GEMV_KERNEL(name, mode_value) \
+    extern "C" __global__ void __launch_bounds__((GEMV_WARPS + 1) * 32, GEMV_MIN_BLOCKS) name(GEMV_PARAMS) { gemv_body(GEMV_ARGS(mode_value)); }
+GEMV_KERNEL(jd_gemv_bf16, mode)
+GEMV_KERNEL(jd_gemv_bf16_exact, MODE_EXACT)
+GEMV_KERNEL(jd_gemv_bf16_draft, MODE_DRAFT)

@@ -416,9 +416,11 @@ fn gemv_on_gpu(
 }
 
 /// Speculative verify passes rely on it: a row of a batch comes out bit for bit as when it is
-/// multiplied alone, for the default GEMV and for the variant of large tensors.
+/// multiplied alone, for the default GEMV and for the variant of large tensors. Routing relies
+/// on the second half: the routed kernel gives an exact chunk's rows bit for bit as the
+/// exact-only kernel, and a draft chunk's as the draft-only kernel.
 #[test]
-fn gemv_rows_are_batch_invariant() {
+fn gemv_rows_are_batch_and_mode_invariant() {
     let k = kernels();
     for &(rows, cols) in &[(200, 576), (12_800, 8_192)] {
         let w = weight_like(rows, cols, rows as u64);
@@ -437,6 +439,24 @@ fn gemv_rows_are_batch_invariant() {
                         .zip(&all[b * rows..][..rows])
                         .all(|(a, c)| a.to_bits() == c.to_bits()),
                     "{rows}x{cols} {sel:?}: batch row {b} differs from the row alone"
+                );
+            }
+        }
+        let chunks = t.chunk_count();
+        let exact = gemv_on_gpu(&k, &g, &GpuSelection::Exact, &x, 8);
+        let draft = gemv_on_gpu(&k, &g, &GpuSelection::Draft, &x, 8);
+        let flags: Vec<bool> = (0..chunks).map(|_| rng.random()).collect();
+        let routed = k
+            .selection(&g, &ChunkSelection::Routed(flags.clone()))
+            .unwrap();
+        let mixed = gemv_on_gpu(&k, &g, &routed, &x, 8);
+        for b in 0..8 {
+            for r in 0..rows {
+                let want = if flags[r / 64] { &exact } else { &draft };
+                assert_eq!(
+                    mixed[b * rows + r].to_bits(),
+                    want[b * rows + r].to_bits(),
+                    "{rows}x{cols}: routed row {r} (batch {b}) differs from its mode's kernel"
                 );
             }
         }
