@@ -102,20 +102,26 @@ fn run(mode: &str, args: &Args) -> Res<RunResult> {
     device.synchronize()?;
     let prefill_s = start.elapsed().as_secs_f64();
     let mut tokens = Vec::with_capacity(args.tokens);
-    let mut step_ms = Vec::with_capacity(args.tokens);
+    let (mut step_ms, mut issue_ms) = (Vec::new(), Vec::new());
     for _ in 0..args.tokens {
         let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
         tokens.push(next);
         let t = Instant::now();
         logits = model.forward_ids(&[next], cache.len(), &mut cache, Logits::Last)?;
+        // Host time to queue the step's work: close to the step time means host-bound.
+        issue_ms.push(t.elapsed().as_secs_f64() * 1e3);
         device.synchronize()?;
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    step_ms.sort_by(f64::total_cmp);
-    let median = step_ms[step_ms.len() / 2];
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     let mean = step_ms.iter().sum::<f64>() / step_ms.len() as f64;
+    let (median, issue) = (median(&mut step_ms), median(&mut issue_ms));
     println!(
-        "{mode:>5}: {:.1} tokens/s (median step {median:.2} ms, mean {mean:.2} ms), prefill {} tokens {:.1} ms, \
+        "{mode:>5}: {:.1} tokens/s (median step {median:.2} ms, of which {issue:.2} ms to queue it on the host; \
+         mean {mean:.2} ms), prefill {} tokens {:.1} ms, \
          weights {:.2} GB (source count), GPU memory used by the load {:.2} GB, load {load_s:.1} s",
         1e3 / median,
         args.prompt,
@@ -126,6 +132,7 @@ fn run(mode: &str, args: &Args) -> Res<RunResult> {
     Ok(RunResult {
         json: serde_json::json!({
             "mode": mode, "tokens_per_s": 1e3 / median, "median_step_ms": median, "mean_step_ms": mean,
+            "median_host_issue_ms": issue,
             "prefill_ms": prefill_s * 1e3, "prompt_tokens": args.prompt, "weight_bytes": source.weight_bytes(),
             "gpu_bytes_used_by_load": held, "load_s": load_s,
         }),
