@@ -58,7 +58,7 @@ pub fn open_device(name: &str) -> Result<Device, Box<dyn std::error::Error>> {
             _ => return Err(format!("--device {name}: expected cpu, cuda or cuda:N").into()),
         },
     };
-    Device::new_cuda(ordinal).map_err(|e| format!("--device {name}: {e}").into())
+    jitdelta_nn::cuda_device(ordinal).map_err(|e| format!("--device {name}: {e}").into())
 }
 
 /// The `.jd` file a model argument names: the path itself, or the single `.jd` in a folder.

@@ -72,7 +72,7 @@ struct RunResult {
 }
 
 fn run(mode: &str, args: &Args) -> Res<RunResult> {
-    let device = Device::new_cuda(0)?;
+    let device = jitdelta_nn::cuda_device(0)?;
     let before = gpu_used(&device)?;
     let load = Instant::now();
     let source: Box<dyn LayerSource> = match mode {

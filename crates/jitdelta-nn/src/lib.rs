@@ -38,10 +38,13 @@
 //! # }
 //! ```
 //!
-//! CPU only for now: on other devices the weights are rebuilt on the host and uploaded.
+//! On CUDA (feature `cuda`), [`JitSource`] keeps BF16 weights in GPU memory in the device layout
+//! of `jitdelta-kernels` and multiplies with its fused decode-GEMV kernels; open the device with
+//! [`cuda_device`]. Other devices rebuild the weights on the host and upload them.
 #![deny(missing_docs)]
 
 pub mod chat;
+mod device;
 mod error;
 #[cfg(feature = "cuda")]
 mod gpu;
@@ -57,6 +60,7 @@ mod source;
 mod store;
 pub mod varbuilder;
 
+pub use device::cuda_device;
 pub use error::{Error, Result};
 pub use jit_linear::JitLinear;
 pub use kv_cache::KvCache;
