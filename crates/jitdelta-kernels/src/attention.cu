@@ -24,13 +24,14 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 
-// q: (heads, rows, d); k, v: (kv_heads, total, d); y: (rows, heads, d). Row i sits at position
+// q: (heads, rows, d); k, v: (kv_heads, capacity, d) buffers holding total positions a head
+// (capacity >= total: a KV cache read in place); y: (rows, heads, d). Row i sits at position
 // total - rows + i and attends to positions 0..=that. Grid (rows, heads), ATTN_WARPS warps:
 // warp w takes positions w, w + ATTN_WARPS, ... with an online softmax, lane l holds elements
 // l * per_lane .. of the head; the warps' partial results are merged in warp order.
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                  u32 rows, u32 heads, u32 kv_heads, u32 total, u32 d, float scale,
+                  u32 rows, u32 heads, u32 kv_heads, u32 total, u32 capacity, u32 d, float scale,
                   u16* __restrict__ y) {
     __shared__ float part_m[ATTN_WARPS], part_l[ATTN_WARPS];
     __shared__ float part_acc[ATTN_WARPS][MAX_HEAD_DIM];
@@ -40,8 +41,8 @@ jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     const u32 kvh = head / (heads / kv_heads);
     const u32 n = total - rows + row + 1;
     const u16* qh = q + ((u64)head * rows + row) * d;
-    const u16* kh = k + (u64)kvh * total * d;
-    const u16* vh = v + (u64)kvh * total * d;
+    const u16* kh = k + (u64)kvh * capacity * d;
+    const u16* vh = v + (u64)kvh * capacity * d;
 
     float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
 #pragma unroll

@@ -380,7 +380,11 @@ impl Attention {
         }
         let dim = |v: usize| to_u32(v, "attention dimension");
         let (rows, heads, kv_heads) = (dim(shape.rows)?, dim(shape.heads)?, dim(shape.kv_heads)?);
-        let (total, d) = (dim(shape.total)?, dim(shape.head_dim)?);
+        let (total, capacity, d) = (
+            dim(shape.total)?,
+            dim(shape.kv_capacity)?,
+            dim(shape.head_dim)?,
+        );
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let mut launch = self.stream.launch_builder(&self.kernel);
         launch
@@ -391,6 +395,7 @@ impl Attention {
             .arg(&heads)
             .arg(&kv_heads)
             .arg(&total)
+            .arg(&capacity)
             .arg(&d)
             .arg(&scale)
             .arg(y);

@@ -236,7 +236,9 @@ fn scaled_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
         .collect()
 }
 
-/// Runs the attention kernel into a poisoned output and returns it.
+/// Runs the attention kernel into a poisoned output and returns it. `k` and `v` may run past
+/// the elements the kernel reads (a whole last head's buffer): they go up whole and the kernel
+/// gets views of the elements it may read, the rest lying just past them in device memory.
 fn attention_on_gpu(
     a: &Attention,
     s: &AttentionShape,
@@ -253,15 +255,29 @@ fn attention_on_gpu(
     let mut y = st
         .clone_htod(&vec![bf16::from_bits(0xFFFF); s.lens().2])
         .unwrap();
+    let kv = s.lens().1;
     a.run(
         s,
         &dq.as_view(),
-        &dk.as_view(),
-        &dv.as_view(),
+        &dk.slice(..kv),
+        &dv.slice(..kv),
         &mut y.as_view_mut(),
     )
     .unwrap();
     st.clone_dtoh(&y).unwrap()
+}
+
+/// Packed `(kv_heads, total, d)` keys or values of `s` in `(kv_heads, capacity, d)` buffers,
+/// NaN in the positions past `total` (a KV cache with room to spare, stale positions poisoned).
+fn with_capacity(t: &[bf16], s: &AttentionShape, capacity: usize) -> Vec<bf16> {
+    let pad = (capacity - s.total) * s.head_dim;
+    t.chunks(s.total * s.head_dim)
+        .flat_map(|head| {
+            head.iter()
+                .copied()
+                .chain(std::iter::repeat_n(bf16::NAN, pad))
+        })
+        .collect()
 }
 
 #[test]
@@ -283,6 +299,7 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
                     heads,
                     kv_heads,
                     total,
+                    kv_capacity: total,
                     head_dim: d,
                 };
                 let seed = (heads * 1000 + total * 10 + rows) as u64;
@@ -302,12 +319,29 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
                         "{s:?} element {i}: {got} vs {want}"
                     );
                 }
+                // Heads further apart in memory, NaN between them: bit for bit the same.
+                let wide = AttentionShape {
+                    kv_capacity: 2 * total + 3,
+                    ..s
+                };
+                let (wk, wv) = (
+                    with_capacity(&k, &s, wide.kv_capacity),
+                    with_capacity(&v, &s, wide.kv_capacity),
+                );
+                let kv = wide.lens().1;
+                assert_eq!(reference(&wide, &q, &wk[..kv], &wv[..kv]).unwrap(), want);
+                let yw = attention_on_gpu(&a, &wide, &q, &wk, &wv);
+                assert!(
+                    yw.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{wide:?} differs from packed heads"
+                );
                 // Each row of a block, bit for bit, as a single-token step at its position.
                 for row in 0..rows {
                     let n = total - rows + row + 1;
                     let one = AttentionShape {
                         rows: 1,
                         total: n,
+                        kv_capacity: n,
                         ..s
                     };
                     let q1: Vec<bf16> = (0..heads)
@@ -343,6 +377,7 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
         heads: 4,
         kv_heads: 2,
         total: 10,
+        kv_capacity: 10,
         head_dim: 64,
     };
     let (ql, kl, _) = s.lens();
@@ -371,6 +406,7 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
         heads: 1,
         kv_heads: 1,
         total: 1,
+        kv_capacity: 1,
         head_dim: 48,
     };
     assert!(matches!(
@@ -386,8 +422,23 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
     let short = AttentionShape {
         head_dim: 64,
         total: 2,
+        kv_capacity: 2,
         ..bad
     };
+    let unpacked = AttentionShape {
+        kv_capacity: 1,
+        ..short
+    };
+    assert!(matches!(
+        a.run(
+            &unpacked,
+            &buf.as_view(),
+            &buf.as_view(),
+            &buf.as_view(),
+            &mut out.as_view_mut()
+        ),
+        Err(Error::Shape(_))
+    ));
     assert!(a
         .run(
             &short,

@@ -310,7 +310,7 @@ impl SpecModel for Replay<'_> {
             return Ok(row.clone());
         }
         // A draft that left the traced sequence at `i`: run the draft from there.
-        let mut cache = t.cache.clone();
+        let mut cache = t.cache.try_clone()?;
         cache.truncate(i)?;
         let ids = Tensor::from_slice(&self.draft[i..], (1, m - i), self.model.device())?;
         self.source.set_mode(Mode::Draft);

@@ -298,14 +298,15 @@ impl Decoder {
         let y = if per_position(seq, offset) {
             // A short block continuing a sequence (a speculative verify pass): each position
             // attends exactly as a single-token step at that position would (same shapes, no
-            // mask), so its output is bit-identical to plain decoding's.
+            // mask), so its output is bit-identical to plain decoding's. Keys and values stay
+            // views of the cache, laid out as a single-token step gets them.
             let rows = (0..seq)
                 .map(|i| {
                     let n = offset + i + 1;
                     self.attend(
                         &q.narrow(2, i, 1)?.contiguous()?,
-                        &k.narrow(2, 0, n)?.contiguous()?,
-                        &v.narrow(2, 0, n)?.contiguous()?,
+                        &k.narrow(2, 0, n)?,
+                        &v.narrow(2, 0, n)?,
                         None,
                     )
                 })
@@ -318,7 +319,10 @@ impl Decoder {
     }
 
     /// Scaled dot-product attention of `q` `(b, heads, seq, d)` over `k`, `v`
-    /// `(b, kv_heads, total, d)`; returns `(b, seq, heads * d)`.
+    /// `(b, kv_heads, total, d)`; returns `(b, seq, heads * d)`. `k` and `v` may be views of
+    /// the KV cache's buffers (heads more than `total` positions apart): candle's matmul takes
+    /// that batch stride as it is, each head's matrix laid out as in a contiguous tensor, so
+    /// nothing is copied and the products are those of contiguous inputs.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, heads, seq, d) = q.dims4()?;
         let kv_heads = k.dim(1)?;
