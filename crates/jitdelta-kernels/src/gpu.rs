@@ -6,7 +6,8 @@ use crate::reference::ChunkSelection;
 use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
@@ -72,24 +73,79 @@ impl GemvLaunch {
 }
 
 /// The fused GEMV for one class of tensor sizes: a kernel for routed selections (mode read at
-/// run time) and one specialised per whole-tensor mode.
+/// run time), one specialised per whole-tensor mode, and the grouped (several tensors of one
+/// input) kernels of those modes.
 #[derive(Debug)]
 struct GemvKernel {
     routed: GemvLaunch,
     exact: GemvLaunch,
     draft: GemvLaunch,
+    group_exact: GemvLaunch,
+    group_draft: GemvLaunch,
 }
 
 impl GemvKernel {
-    /// All three kernels from one module compiled with `defines`.
+    /// All kernels from one module compiled with `defines`.
     fn load(module: &Arc<cudarc::driver::CudaModule>, defines: &[&str]) -> Result<Self> {
+        let load = |name| GemvLaunch::load(module, defines, name);
         Ok(Self {
-            routed: GemvLaunch::load(module, defines, "jd_gemv_bf16")?,
-            exact: GemvLaunch::load(module, defines, "jd_gemv_bf16_exact")?,
-            draft: GemvLaunch::load(module, defines, "jd_gemv_bf16_draft")?,
+            routed: load("jd_gemv_bf16")?,
+            exact: load("jd_gemv_bf16_exact")?,
+            draft: load("jd_gemv_bf16_draft")?,
+            group_exact: load("jd_gemv_group_bf16_exact")?,
+            group_draft: load("jd_gemv_group_bf16_draft")?,
         })
     }
+
+    /// The single-tensor kernel for `sel`.
+    fn single(&self, sel: &GpuSelection) -> &GemvLaunch {
+        match sel {
+            GpuSelection::Exact => &self.exact,
+            GpuSelection::Draft => &self.draft,
+            GpuSelection::Routed(_) => &self.routed,
+        }
+    }
+
+    /// The grouped kernel for `sel` (none for routed selections: their flags are per tensor).
+    fn group(&self, sel: &GpuSelection) -> Option<&GemvLaunch> {
+        match sel {
+            GpuSelection::Exact => Some(&self.group_exact),
+            GpuSelection::Draft => Some(&self.group_draft),
+            GpuSelection::Routed(_) => None,
+        }
+    }
 }
+
+/// Most tensors one grouped GEMV launch takes (`GROUP_MAX` in `kernels.cu`).
+pub const MAX_GEMV_GROUP: usize = 3;
+
+/// One tensor of a grouped launch, laid out as `GemvMember` in `kernels.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GroupMember {
+    p: u64,
+    s: u64,
+    l: u64,
+    bases: u64,
+    esc_row_start: u64,
+    esc_pos: u64,
+    esc_corr: u64,
+    y: u64,
+    segment: u64,
+    rows: u32,
+    tiles_end: u32,
+}
+
+/// `GemvGroup` in `kernels.cu`, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GroupArgs {
+    members: [GroupMember; MAX_GEMV_GROUP],
+    count: u32,
+}
+
+// SAFETY: plain old data (integers and device addresses) laid out as the kernel's struct.
+unsafe impl DeviceRepr for GroupArgs {}
 
 /// The compiled kernels, bound to one stream.
 #[derive(Debug)]
@@ -111,10 +167,11 @@ impl Kernels {
         let mut kernels = Self::with_defines(stream, &[])?;
         let large = compile(&kernels.stream, SOURCE, LARGE_GEMV_DEFINES)?;
         let draft = compile(&kernels.stream, SOURCE, LARGE_DRAFT_DEFINES)?;
+        let draft = GemvKernel::load(&draft, LARGE_DRAFT_DEFINES)?;
         kernels.gemv_large = Some(GemvKernel {
-            routed: GemvLaunch::load(&large, LARGE_GEMV_DEFINES, "jd_gemv_bf16")?,
-            exact: GemvLaunch::load(&large, LARGE_GEMV_DEFINES, "jd_gemv_bf16_exact")?,
-            draft: GemvLaunch::load(&draft, LARGE_DRAFT_DEFINES, "jd_gemv_bf16_draft")?,
+            draft: draft.draft,
+            group_draft: draft.group_draft,
+            ..GemvKernel::load(&large, LARGE_GEMV_DEFINES)?
         });
         Ok(kernels)
     }
@@ -258,39 +315,13 @@ impl Kernels {
         batch: usize,
         y: &mut CudaViewMut<'_, bf16>,
     ) -> Result<()> {
-        if t.cols % 32 != 0 {
-            return Err(Error::Unsupported(format!(
-                "{} columns (the fused GEMV needs a multiple of 32)",
-                t.cols
-            )));
-        }
-        if !(1..=MAX_GEMV_BATCH).contains(&batch) {
-            return Err(Error::Shape(format!(
-                "batch {batch} (the fused GEMV takes 1..={MAX_GEMV_BATCH})"
-            )));
-        }
-        let (rows, cols) = (t.rows as usize, t.cols as usize);
-        if x.len() != batch * cols || y.len() != batch * rows {
-            return Err(Error::Shape(format!(
-                "x of {} and y of {} values for batch {batch} of a {rows}x{cols} tensor",
-                x.len(),
-                y.len()
-            )));
-        }
-        if rows == 0 {
+        check_gemv(t, x.len(), batch, y.len())?;
+        if t.rows == 0 {
             return Ok(());
         }
         let (mode, routed) = sel.mode(t);
         let batch = batch as u32;
-        let kernel = match &self.gemv_large {
-            Some(large) if rows * cols >= LARGE_GEMV_WEIGHTS => large,
-            _ => &self.gemv,
-        };
-        let kernel = match sel {
-            GpuSelection::Exact => &kernel.exact,
-            GpuSelection::Draft => &kernel.draft,
-            GpuSelection::Routed(_) => &kernel.routed,
-        };
+        let kernel = self.variant(t).single(sel);
         let mut launch = self.stream.launch_builder(&kernel.function);
         t.push_common(&mut launch, &mode, routed);
         launch
@@ -300,7 +331,7 @@ impl Kernels {
             .arg(x)
             .arg(&batch)
             .arg(y);
-        let blocks = rows.div_ceil(GEMV_TILE_ROWS) as u32;
+        let blocks = t.tiles();
         // SAFETY: the argument list matches `jd_gemv_bf16`; sizes were checked above, rows are
         // 16-byte aligned because cols % 32 == 0, and the kernel masks rows past the end.
         let mut config = grid((blocks, 1), kernel.threads);
@@ -308,6 +339,139 @@ impl Kernels {
         unsafe { launch.launch(config) }?;
         Ok(())
     }
+
+    /// [`Kernels::gemv`] of up to [`MAX_GEMV_GROUP`] tensors of the same input `x` (e.g. a
+    /// layer's q, k and v) in one launch. `y` holds the outputs one after the other: tensor
+    /// `i`'s `batch x rows_i` at offset `batch * (rows_0 + .. + rows_{i-1})`, each bit for bit
+    /// what its own `gemv` gives. The tensors must share columns, chunk rows and size class
+    /// (the kernel variant), and the selection must be whole-tensor (`Exact` or `Draft`):
+    /// otherwise an error, and the caller runs them one by one.
+    pub fn gemv_group(
+        &self,
+        tensors: &[&GpuResident],
+        sel: &GpuSelection,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        let Some(first) = tensors.first() else {
+            return Ok(());
+        };
+        let kernel = self.group_kernel(tensors, sel)?;
+        let total_rows: usize = tensors.iter().map(|t| t.rows as usize).sum();
+        for t in tensors {
+            check_gemv(t, x.len(), batch, batch * t.rows as usize)?;
+        }
+        if y.len() != batch * total_rows {
+            return Err(Error::Shape(format!(
+                "grouped GEMV: y of {} values for batch {batch} of {total_rows} rows",
+                y.len()
+            )));
+        }
+        let mut args = GroupArgs {
+            count: tensors.len() as u32,
+            ..Default::default()
+        };
+        let (y_base, _y_sync) = y.device_ptr_mut(&self.stream);
+        let (mut tiles, mut offset) = (0u32, 0usize);
+        for (t, m) in tensors.iter().zip(&mut args.members) {
+            tiles += t.tiles();
+            let ptr = |s: &CudaSlice<u8>| s.device_ptr(&self.stream).0;
+            *m = GroupMember {
+                p: ptr(&t.p),
+                s: ptr(&t.s),
+                l: ptr(&t.l),
+                bases: ptr(&t.bases),
+                esc_row_start: t.esc_row_start.device_ptr(&self.stream).0,
+                esc_pos: t.esc_pos.device_ptr(&self.stream).0,
+                esc_corr: t.esc_corr.device_ptr(&self.stream).0,
+                y: y_base + (offset * std::mem::size_of::<bf16>()) as u64,
+                segment: t.segment,
+                rows: t.rows,
+                tiles_end: tiles,
+            };
+            offset += batch * t.rows as usize;
+        }
+        if tiles == 0 {
+            return Ok(());
+        }
+        let batch = batch as u32;
+        let mut launch = self.stream.launch_builder(&kernel.function);
+        launch
+            .arg(&args)
+            .arg(&first.cols)
+            .arg(&first.chunk_rows)
+            .arg(x)
+            .arg(&batch);
+        // SAFETY: the arguments match `jd_gemv_group_bf16_*`; every member's buffers were
+        // checked as for `gemv`, its output lies inside `y` (checked above), and all outlive
+        // the launch. The raw addresses skip cudarc's event bookkeeping, which only matters
+        // across streams: these buffers are used on this stream alone.
+        let mut config = grid((tiles, 1), kernel.threads);
+        config.shared_mem_bytes = kernel.smem;
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// Whether [`Kernels::gemv_group`] takes these tensors and selection.
+    pub fn can_group(&self, tensors: &[&GpuResident], sel: &GpuSelection) -> bool {
+        self.group_kernel(tensors, sel).is_ok()
+    }
+
+    /// The grouped kernel for `tensors` and `sel`, or why there is none.
+    fn group_kernel(&self, tensors: &[&GpuResident], sel: &GpuSelection) -> Result<&GemvLaunch> {
+        let unsupported = |why: String| Err(Error::Unsupported(format!("grouped GEMV: {why}")));
+        let Some(first) = tensors.first() else {
+            return unsupported("no tensors".into());
+        };
+        if tensors.len() > MAX_GEMV_GROUP {
+            return unsupported(format!(
+                "{} tensors (at most {MAX_GEMV_GROUP})",
+                tensors.len()
+            ));
+        }
+        let variant = self.variant(first);
+        if tensors.iter().any(|t| {
+            (t.cols, t.chunk_rows) != (first.cols, first.chunk_rows)
+                || !std::ptr::eq(self.variant(t), variant)
+        }) {
+            return unsupported("tensors differ in columns, chunk rows or size class".into());
+        }
+        match variant.group(sel) {
+            Some(kernel) => Ok(kernel),
+            None => unsupported("routed selections have per-tensor flags".into()),
+        }
+    }
+
+    /// The GEMV variant for `t`: by size, never by batch.
+    fn variant(&self, t: &GpuResident) -> &GemvKernel {
+        match &self.gemv_large {
+            Some(large) if t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS => large,
+            _ => &self.gemv,
+        }
+    }
+}
+
+/// The shape checks of a fused GEMV of `t` for `batch` rows, `x` and `y` of those lengths.
+fn check_gemv(t: &GpuResident, x_len: usize, batch: usize, y_len: usize) -> Result<()> {
+    if t.cols % 32 != 0 {
+        return Err(Error::Unsupported(format!(
+            "{} columns (the fused GEMV needs a multiple of 32)",
+            t.cols
+        )));
+    }
+    if !(1..=MAX_GEMV_BATCH).contains(&batch) {
+        return Err(Error::Shape(format!(
+            "batch {batch} (the fused GEMV takes 1..={MAX_GEMV_BATCH})"
+        )));
+    }
+    let (rows, cols) = (t.rows as usize, t.cols as usize);
+    if x_len != batch * cols || y_len != batch * rows {
+        return Err(Error::Shape(format!(
+            "x of {x_len} and y of {y_len} values for batch {batch} of a {rows}x{cols} tensor"
+        )));
+    }
+    Ok(())
 }
 
 /// Compiles `source` with NVRTC for the stream's device (compute capability 8.0 or newer).
@@ -451,6 +615,11 @@ impl GpuResident {
     /// `(rows, cols)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows as usize, self.cols as usize)
+    }
+
+    /// 16-row tiles: blocks of a fused GEMV launch.
+    fn tiles(&self) -> u32 {
+        self.rows.div_ceil(GEMV_TILE_ROWS as u32)
     }
 
     /// Number of row chunks.

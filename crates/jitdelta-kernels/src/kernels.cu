@@ -376,12 +376,12 @@ __device__ __forceinline__ void escape_corrections(
 #define GEMV_ARGS(mode) \
     P, S, L, bases, routed, mode, rows, cols, chunk_rows, segment, esc_row_start, esc_pos, esc_corr, x, batch, y
 
-__device__ __forceinline__ void gemv_body(GEMV_PARAMS) {
+// The 16-row tile at row r0 (every block of the single-tensor kernels: r0 = 16 * blockIdx.x).
+__device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
     __shared__ float partial[GEMV_WARPS][TILE_ROWS][MAX_BATCH];
     __shared__ float corr[TILE_ROWS][MAX_BATCH];
     __shared__ int rescale[TILE_ROWS];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    const u32 r0 = blockIdx.x * TILE_ROWS;
     if (warp == GEMV_WARPS) {
         // The rows' exponent shifts, fetched while the planes stream rather than after the
         // block's final barrier (a dependent DRAM round trip at the tail of every block).
@@ -465,7 +465,45 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS) {
 // Every mode of one module sums a row in the same order, so a routed row equals the exact or
 // draft row bit for bit.
 #define GEMV_KERNEL(name, mode_value) \
-    extern "C" __global__ void __launch_bounds__((GEMV_WARPS + 1) * 32, GEMV_MIN_BLOCKS) name(GEMV_PARAMS) { gemv_body(GEMV_ARGS(mode_value)); }
+    extern "C" __global__ void __launch_bounds__((GEMV_WARPS + 1) * 32, GEMV_MIN_BLOCKS) name(GEMV_PARAMS) { gemv_body(GEMV_ARGS(mode_value), blockIdx.x * TILE_ROWS); }
 GEMV_KERNEL(jd_gemv_bf16, mode)
 GEMV_KERNEL(jd_gemv_bf16_exact, MODE_EXACT)
 GEMV_KERNEL(jd_gemv_bf16_draft, MODE_DRAFT)
+
+// Several tensors of one input in one launch (a layer's q, k and v, or gate and up): small
+// tensors alone fill few SMs (1024 x 4096 is 64 blocks on 132), and every launch costs a few
+// microseconds of host and GPU time. Blocks [tiles_end[i - 1], tiles_end[i]) run member i's
+// tiles with the same body as its own launch, so each output is bit for bit the single-tensor
+// kernel's. Whole-tensor modes only (routing flags are per tensor).
+#define GROUP_MAX 3
+struct GemvMember {
+    const u8 *P, *S, *L, *bases;
+    const u32 *esc_row_start, *esc_pos;
+    const float2* esc_corr;
+    u16* y;
+    u64 segment;
+    u32 rows, tiles_end;
+};
+struct GemvGroup {
+    GemvMember m[GROUP_MAX];
+    u32 count;
+};
+
+// Member i by value, from constant parameter offsets (a dynamic index would copy the whole
+// group to local memory).
+__device__ __forceinline__ GemvMember member(const GemvGroup& g, u32 i) {
+    return i == 0 ? g.m[0] : (i == 1 ? g.m[1] : g.m[2]);
+}
+
+#define GEMV_GROUP_KERNEL(name, mode_value)                                                        \
+    extern "C" __global__ void __launch_bounds__((GEMV_WARPS + 1) * 32, GEMV_MIN_BLOCKS)           \
+    name(GemvGroup g, u32 cols, u32 chunk_rows, const u16* __restrict__ x, u32 batch) {            \
+        u32 i = 0;                                                                                 \
+        while (i + 1 < g.count && blockIdx.x >= member(g, i).tiles_end) ++i;                       \
+        const GemvMember t = member(g, i);                                                         \
+        const u32 first = i == 0 ? 0u : member(g, i - 1).tiles_end;                                \
+        gemv_body(t.P, t.S, t.L, t.bases, t.bases, mode_value, t.rows, cols, chunk_rows, t.segment, \
+                  t.esc_row_start, t.esc_pos, t.esc_corr, x, batch, t.y, (blockIdx.x - first) * TILE_ROWS); \
+    }
+GEMV_GROUP_KERNEL(jd_gemv_group_bf16_exact, MODE_EXACT)
+GEMV_GROUP_KERNEL(jd_gemv_group_bf16_draft, MODE_DRAFT)

@@ -513,3 +513,89 @@ fn gemv_rows_are_batch_and_mode_invariant() {
         }
     }
 }
+
+/// Runs one grouped launch over `gs` and returns each tensor's output.
+fn group_on_gpu(
+    k: &Kernels,
+    gs: &[&GpuResident],
+    sel: &GpuSelection,
+    x: &[bf16],
+    batch: usize,
+) -> Vec<Vec<bf16>> {
+    let xd = k.stream().clone_htod(x).unwrap();
+    let rows: Vec<usize> = gs.iter().map(|g| g.dims().0).collect();
+    let mut y = poisoned(k, batch * rows.iter().sum::<usize>());
+    k.gemv_group(gs, sel, &xd.as_view(), batch, &mut y.as_view_mut())
+        .unwrap();
+    let all = k.stream().clone_dtoh(&y).unwrap();
+    let mut at = 0;
+    rows.iter()
+        .map(|r| {
+            at += batch * r;
+            all[at - batch * r..at].to_vec()
+        })
+        .collect()
+}
+
+/// A layer's q, k and v (or gate and up) in one launch: each output bit for bit what the
+/// tensor's own launch gives, for both size classes; routed selections and tensors that differ
+/// in columns or size class are refused (the caller then runs them one by one).
+#[test]
+fn grouped_gemv_equals_single_launches() {
+    let k = kernels();
+    let mut rng = StdRng::seed_from_u64(9);
+    for (shapes, cols, batches) in [
+        (&[200usize, 64, 130][..], 576usize, &[1usize, 3, 8][..]),
+        (&[12_800, 12_800][..], 8_192, &[1][..]),
+    ] {
+        let gs: Vec<GpuResident> = shapes
+            .iter()
+            .map(|&rows| {
+                let w = weight_like(rows, cols, rows as u64 + cols as u64);
+                k.upload(&resident(&w, rows, cols, 64)).unwrap()
+            })
+            .collect();
+        let refs: Vec<&GpuResident> = gs.iter().collect();
+        for &batch in batches {
+            let x: Vec<bf16> = (0..batch * cols)
+                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
+                .collect();
+            for sel in [GpuSelection::Exact, GpuSelection::Draft] {
+                let grouped = group_on_gpu(&k, &refs, &sel, &x, batch);
+                for (g, got) in gs.iter().zip(&grouped) {
+                    let alone = gemv_on_gpu(&k, g, &sel, &x, batch);
+                    assert!(
+                        got.iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{:?} of {cols} columns, batch {batch}, {sel:?}: grouped output differs",
+                        g.dims()
+                    );
+                }
+            }
+        }
+    }
+    let upload = |rows: usize, cols: usize| {
+        let w = weight_like(rows, cols, 1);
+        k.upload(&resident(&w, rows, cols, 64)).unwrap()
+    };
+    let (a, b) = (upload(64, 576), upload(64, 608));
+    // The same columns in two size classes (12800 x 8192 takes the large-tensor variant).
+    let (small, big) = (upload(64, 8_192), upload(12_800, 8_192));
+    let refused = |gs: &[&GpuResident], sel: &GpuSelection, y_len: usize| {
+        let cols = gs[0].dims().1;
+        let x = k.stream().clone_htod(&vec![bf16::ONE; cols]).unwrap();
+        let mut y = poisoned(&k, y_len);
+        k.gemv_group(gs, sel, &x.as_view(), 1, &mut y.as_view_mut())
+            .is_err()
+    };
+    let routed = k
+        .selection(&a, &ChunkSelection::Routed(vec![true]))
+        .unwrap();
+    assert!(refused(&[&a], &routed, 64));
+    assert!(refused(&[&a, &b], &GpuSelection::Exact, 128));
+    assert!(refused(&[&a], &GpuSelection::Exact, 65));
+    assert!(refused(&[&a, &a, &a, &a], &GpuSelection::Exact, 256));
+    assert!(refused(&[&small, &big], &GpuSelection::Draft, 12_864));
+    assert!(!refused(&[&small, &small], &GpuSelection::Draft, 128));
+}

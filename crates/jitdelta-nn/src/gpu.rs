@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use half::bf16;
-use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels, MAX_GEMV_BATCH};
+use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels, MAX_GEMV_BATCH, MAX_GEMV_GROUP};
 use jitdelta_kernels::reference::ChunkSelection;
 use std::sync::Arc;
 
@@ -96,6 +96,118 @@ impl GpuStore {
         }
         Tensor::cat(&parts, 0)?.reshape(dims)
     }
+
+    /// `x @ W_i^T` for layers reading the same `x` (a block's q, k and v; gate and up) in one
+    /// launch ([`Kernels::gemv_group`]), each output bit for bit the layer's own
+    /// [`GpuStore::matmul`]; `None` where the grouped kernel does not apply (a routed plan,
+    /// more than 8 rows, tensors it cannot group), so the caller runs the layers one by one.
+    pub(crate) fn matmul_group(
+        stores: &[&GpuStore],
+        x: &Tensor,
+        plan: &Plan,
+    ) -> candle_core::Result<Option<Vec<Tensor>>> {
+        let Some(first) = stores.first() else {
+            return Ok(None);
+        };
+        let cols = first.tensor.dims().1;
+        let batch = x.elem_count() / cols.max(1);
+        let sel = match plan {
+            Plan::Exact => GpuSelection::Exact,
+            Plan::Draft => GpuSelection::Draft,
+            Plan::Routed(..) => return Ok(None),
+        };
+        let tensors: Vec<&GpuResident> = stores.iter().map(|s| &s.tensor).collect();
+        if stores.len() > MAX_GEMV_GROUP
+            || !(1..=MAX_GEMV_BATCH).contains(&batch)
+            || x.dims().last() != Some(&cols)
+            || stores
+                .iter()
+                .any(|s| !Arc::ptr_eq(&s.kernels, &first.kernels))
+            || !first.kernels.can_group(&tensors, &sel)
+        {
+            return Ok(None);
+        }
+        let mut flat = x.reshape((batch, cols))?.contiguous()?;
+        if flat.layout().start_offset() % 8 != 0 {
+            flat = flat.copy()?; // the kernel loads 16-byte vectors
+        }
+        let rows: Vec<usize> = tensors.iter().map(|t| t.dims().0).collect();
+        let all = flat.apply_op1_no_bwd(&GroupedGemv {
+            kernels: &first.kernels,
+            tensors: &tensors,
+            sel: &sel,
+            total_rows: rows.iter().sum(),
+        })?;
+        let mut at = 0;
+        rows.iter()
+            .map(|&r| {
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = r;
+                }
+                at += batch * r;
+                all.narrow(0, at - batch * r, batch * r)?.reshape(dims)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+/// The grouped GEMV as a candle op: `(batch, cols)` in, every tensor's `(batch, rows_i)` out,
+/// one after the other in one flat buffer.
+struct GroupedGemv<'a> {
+    kernels: &'a Kernels,
+    tensors: &'a [&'a GpuResident],
+    sel: &'a GpuSelection,
+    total_rows: usize,
+}
+
+impl CustomOp1 for GroupedGemv<'_> {
+    fn name(&self) -> &'static str {
+        "jitdelta-grouped-gemv"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the grouped GEMV runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (x, batch) = gemv_input(storage, layout, self.tensors[0].dims().1)?;
+        let dev = storage.device().clone();
+        let n = batch * self.total_rows;
+        // SAFETY: the kernel writes all `batch * total_rows` outputs.
+        let mut y = unsafe { dev.alloc::<bf16>(n) }?;
+        self.kernels
+            .gemv_group(self.tensors, self.sel, &x, batch, &mut y.as_view_mut())
+            .map_err(wrap)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(n)))
+    }
+}
+
+/// The contiguous BF16 activations of a GEMV op and their row count.
+fn gemv_input<'a>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    cols: usize,
+) -> candle_core::Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, bf16>,
+    usize,
+)> {
+    if storage.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "the fused GEMV takes BF16 inputs, got {:?}",
+            storage.dtype()
+        );
+    }
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("the fused GEMV needs a contiguous input");
+    };
+    let x = storage.as_cuda_slice::<bf16>()?.slice(start..end);
+    Ok((x, (end - start) / cols))
 }
 
 /// Most activation rows the fused kernel takes (in launches of 8) before a layer is decoded for
@@ -123,17 +235,7 @@ impl CustomOp1 for FusedGemv<'_> {
         storage: &CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if storage.dtype() != DType::BF16 {
-            candle_core::bail!(
-                "the fused GEMV takes BF16 inputs, got {:?}",
-                storage.dtype()
-            );
-        }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the fused GEMV needs a contiguous input");
-        };
-        let x = storage.as_cuda_slice::<bf16>()?.slice(start..end);
-        let batch = (end - start) / self.cols;
+        let (x, batch) = gemv_input(storage, layout, self.cols)?;
         let dev = storage.device().clone();
         // SAFETY: the kernel writes all `batch * rows` outputs.
         let mut y = unsafe { dev.alloc::<bf16>(batch * self.rows) }?;

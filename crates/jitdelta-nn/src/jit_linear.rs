@@ -167,6 +167,59 @@ impl JitLinear {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl JitLinear {
+    /// Bias and output dtype after a GPU matmul (which computes in BF16).
+    fn gpu_epilogue(&self, y: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::BF16)?)?,
+            None => y,
+        };
+        y.to_dtype(dtype)
+    }
+
+    /// `layers` (all reading `x`) in one launch of the grouped GPU kernel, each output as its
+    /// own `forward` gives it bit for bit; `None` where that does not apply (a layer not in GPU
+    /// memory, a routed plan, more than 8 rows, tensors the kernel cannot group).
+    pub(crate) fn forward_group(
+        layers: &[&JitLinear],
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Vec<Tensor>>> {
+        let Some(stores) = layers
+            .iter()
+            .map(|l| match &l.store {
+                WeightStore::Gpu(g) => Some(g.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let Some(first) = layers.first() else {
+            return Ok(None);
+        };
+        let plan = first.mode.plan(&first.name);
+        if !x.dtype().is_float()
+            || layers
+                .iter()
+                .any(|l| l.mode.plan(&l.name).key() != plan.key())
+        {
+            return Ok(None);
+        }
+        let Some(ys) =
+            crate::gpu::GpuStore::matmul_group(&stores, &x.to_dtype(DType::BF16)?, &plan)?
+        else {
+            return Ok(None);
+        };
+        layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| l.gpu_epilogue(y, x.dtype()))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
 impl Module for JitLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, cols) = self.store.dims();
@@ -177,11 +230,7 @@ impl Module for JitLinear {
             }
             let plan = self.mode.plan(&self.name);
             let y = g.matmul(&x.to_dtype(DType::BF16)?, &plan)?;
-            let y = match &self.bias {
-                Some(b) => y.broadcast_add(&b.to_dtype(DType::BF16)?)?,
-                None => y,
-            };
-            return y.to_dtype(x.dtype());
+            return self.gpu_epilogue(y, x.dtype());
         }
         if x.dims().last() != Some(&cols) || x.dtype() != DType::F32 {
             return Err(self.bad_input(x, "f32"));

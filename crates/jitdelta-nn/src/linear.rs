@@ -2,6 +2,7 @@
 
 use crate::JitLinear;
 use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
 
 /// A linear projection `y = x W^T + b` as model code sees it: whatever holds the weights (a
 /// dense tensor, a [`JitLinear`]), models call [`Module::forward`] on an
@@ -24,6 +25,45 @@ pub trait LinearLayer: Module + Send + Sync + std::fmt::Debug {
     fn as_jit(&self) -> Option<&JitLinear> {
         None
     }
+}
+
+/// The layers' outputs for one input `x` (a block's q, k and v; gate and up): in one grouped
+/// launch where the layers are JIT layers in GPU memory and the kernel takes them, else one by
+/// one. Either way each output is bit for bit the layer's own `forward`.
+pub(crate) fn forward_all<const N: usize>(
+    layers: [&Arc<dyn LinearLayer>; N],
+    x: &Tensor,
+) -> crate::Result<[Tensor; N]> {
+    let ys = match grouped(&layers, x)? {
+        Some(ys) => ys,
+        None => layers
+            .iter()
+            .map(|l| l.forward(x))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    };
+    ys.try_into().map_err(|ys: Vec<Tensor>| {
+        crate::Error::InvalidInput(format!("{} outputs for {N} layers", ys.len()))
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn grouped(
+    layers: &[&Arc<dyn LinearLayer>],
+    x: &Tensor,
+) -> candle_core::Result<Option<Vec<Tensor>>> {
+    match layers
+        .iter()
+        .map(|l| l.as_jit())
+        .collect::<Option<Vec<_>>>()
+    {
+        Some(jits) => JitLinear::forward_group(&jits, x),
+        None => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn grouped(_: &[&Arc<dyn LinearLayer>], _: &Tensor) -> candle_core::Result<Option<Vec<Tensor>>> {
+    Ok(None)
 }
 
 /// The matmul every linear layer of this crate ends in: `x` of shape `(.., in)` times the

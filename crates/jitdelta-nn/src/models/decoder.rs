@@ -3,6 +3,7 @@
 
 use super::rope::{Rope, Scaling};
 use super::{ForwardOutput, Logits, ModelInfo};
+use crate::linear::forward_all;
 use crate::{Error, KvCache, LayerSource, LinearLayer, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -226,8 +227,8 @@ impl Decoder {
             let attn = self.attention(block, &h, l, cache, &cos, &sin, mask.as_ref())?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
-            let gate = candle_nn::ops::silu(&block.gate.forward(&h)?)?;
-            let mlp = block.down.forward(&(gate * block.up.forward(&h)?)?)?;
+            let [gate, up] = forward_all([&block.gate, &block.up], &h)?;
+            let mlp = block.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + mlp)?;
             if collect_hidden {
                 hidden.push(x.clone());
@@ -282,9 +283,8 @@ impl Decoder {
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, seq, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(block.q.forward(x)?, heads)?;
-        let k = split(block.k.forward(x)?, kv_heads)?;
-        let v = split(block.v.forward(x)?, kv_heads)?;
+        let [q, k, v] = forward_all([&block.q, &block.k, &block.v], x)?;
+        let (q, k, v) = (split(q, heads)?, split(k, kv_heads)?, split(v, kv_heads)?);
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?;
