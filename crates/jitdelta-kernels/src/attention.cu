@@ -1,8 +1,14 @@
+// The decoder's kernels besides the fused GEMV, compiled at run time with NVRTC; BF16 in and
+// out, f32 inside.
+//
 // Decode attention for short query blocks continuing a sequence (single-token steps and
 // speculative verify passes). Each (query row, head) is one block whose result depends only on
 // that row's query and the keys/values up to its position, never on how many rows the launch
-// holds: a verify pass over k rows is bit-identical to k single-token steps. f32 throughout,
-// BF16 in and out. Compiled at run time with NVRTC.
+// holds: a verify pass over k rows is bit-identical to k single-token steps.
+//
+// Fused elementwise ops that save the launches of candle's separate kernels: residual add +
+// RMSNorm (one block a row, a fixed reduction order: rows independent as above) and SwiGLU's
+// silu(gate) * up.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -107,4 +113,50 @@ jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u1
         }
         y[((u64)row * heads + head) * d + t] = f32_to_bf16(sum_acc / sum_l);
     }
+}
+
+#define NORM_THREADS 256
+
+// s = bf16(x + y) and h = bf16(s * rsqrt(mean(s^2) + eps) * w) for one row of cols a block,
+// x, y, sum, out (rows, cols), w (cols). The squares are summed per thread in column order,
+// then across each warp by shuffles and across warps in warp order: the same for every launch.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+jd_add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
+                     const u16* __restrict__ w, u32 cols, float eps, u16* __restrict__ sum,
+                     u16* __restrict__ out) {
+    __shared__ float part[NORM_THREADS / 32];
+    const u64 base = (u64)blockIdx.x * cols;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    float sq = 0.f;
+    for (u32 c = threadIdx.x; c < cols; c += NORM_THREADS) {
+        const u16 s = f32_to_bf16(bf16_to_f32(x[base + c]) + bf16_to_f32(y[base + c]));
+        sum[base + c] = s;
+        const float f = bf16_to_f32(s);
+        sq = fmaf(f, f, sq);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+    if (lane == 0) part[warp] = sq;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; ++i) total += part[i];
+    const float scale = rsqrtf(total / (float)cols + eps);
+    // s recomputed rather than read back: the same bits, and no read of a written buffer.
+    for (u32 c = threadIdx.x; c < cols; c += NORM_THREADS) {
+        const float s =
+            bf16_to_f32(f32_to_bf16(bf16_to_f32(x[base + c]) + bf16_to_f32(y[base + c])));
+        out[base + c] = f32_to_bf16(s * scale * bf16_to_f32(w[c]));
+    }
+}
+
+// out = bf16(silu(gate) * up) over n elements, silu(g) = g / (1 + exp(-g)) in f32: one
+// rounding where candle's silu and mul round twice.
+extern "C" __global__ void jd_silu_mul_bf16(const u16* __restrict__ gate,
+                                            const u16* __restrict__ up, u32 n,
+                                            u16* __restrict__ out) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = bf16_to_f32(gate[i]);
+    out[i] = f32_to_bf16(g / (1.f + expf(-g)) * bf16_to_f32(up[i]));
 }

@@ -1,5 +1,5 @@
 //! Decode attention for short query blocks that continue a sequence: single-token decode steps
-//! and speculative verify passes. The CUDA kernel (`gpu::Attention`, feature `cuda`) computes
+//! and speculative verify passes. The CUDA kernel (`gpu::DecoderKernels`, feature `cuda`) computes
 //! each (query row, head) on its own, so a verify pass over `k` rows is bit-identical to `k`
 //! single-token steps, in one launch instead of one attention per row. This module holds the
 //! shape checks and the CPU reference the kernel is tested against.

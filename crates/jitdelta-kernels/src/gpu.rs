@@ -1,6 +1,7 @@
 //! The CUDA side: kernels compiled at run time with NVRTC, tensors held on the device.
 
 use crate::attention::AttentionShape;
+use crate::decoder_ops;
 use crate::device_layout::DeviceLayout;
 use crate::reference::ChunkSelection;
 use crate::{Error, Result};
@@ -17,6 +18,9 @@ use std::sync::Arc;
 const SOURCE: &str = include_str!("kernels.cu");
 const ATTENTION_SOURCE: &str = include_str!("attention.cu");
 const ATTENTION_THREADS: u32 = 4 * 32;
+/// `NORM_THREADS` in `attention.cu`.
+const NORM_THREADS: u32 = 256;
+const ELEMENTWISE_THREADS: u32 = 256;
 /// Largest activation batch the fused GEMV takes (one mma.m16n8k16 column block).
 pub const MAX_GEMV_BATCH: usize = 8;
 const GEMV_TILE_ROWS: usize = 16;
@@ -499,31 +503,37 @@ fn compile(
     Ok(ctx.load_module(ptx)?)
 }
 
-/// The decode-attention kernel ([`crate::attention`]), bound to one stream.
+/// The decoder's kernels besides the GEMV (`attention.cu`): decode attention
+/// ([`crate::attention`]) and the fused add + RMSNorm and silu * up ([`crate::decoder_ops`]),
+/// bound to one stream.
 #[derive(Debug)]
-pub struct Attention {
+pub struct DecoderKernels {
     stream: Arc<CudaStream>,
-    kernel: CudaFunction,
+    attention: CudaFunction,
+    add_rms_norm: CudaFunction,
+    silu_mul: CudaFunction,
 }
 
-impl Attention {
-    /// Compiles the kernel for the stream's device.
+impl DecoderKernels {
+    /// Compiles the kernels for the stream's device.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let module = compile(&stream, ATTENTION_SOURCE, &[])?;
         Ok(Self {
-            kernel: module.load_function("jd_attention_bf16")?,
+            attention: module.load_function("jd_attention_bf16")?,
+            add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
+            silu_mul: module.load_function("jd_silu_mul_bf16")?,
             stream,
         })
     }
 
-    /// The stream the kernel runs on.
+    /// The stream the kernels run on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
     /// Softmax attention of `q` over `k`, `v` into `y` (layouts in [`AttentionShape`]), scale
     /// `1 / sqrt(head_dim)`, f32 inside.
-    pub fn run(
+    pub fn attention(
         &self,
         shape: &AttentionShape,
         q: &CudaView<'_, bf16>,
@@ -550,7 +560,7 @@ impl Attention {
             dim(shape.head_dim)?,
         );
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let mut launch = self.stream.launch_builder(&self.kernel);
+        let mut launch = self.stream.launch_builder(&self.attention);
         launch
             .arg(q)
             .arg(k)
@@ -568,6 +578,78 @@ impl Attention {
         unsafe { launch.launch(grid((rows, heads), ATTENTION_THREADS)) }?;
         Ok(())
     }
+
+    /// `sum_out = x + y` and `norm_out = rms_norm(sum_out) * w` over rows of `cols` (`x`, `y`
+    /// and the outputs `rows x cols`, `w` of `cols`), one launch for what candle does in two;
+    /// each row as it would be alone ([`crate::decoder_ops`] has the semantics).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm(
+        &self,
+        x: &CudaView<'_, bf16>,
+        y: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        eps: f32,
+        cols: usize,
+        sum_out: &mut CudaViewMut<'_, bf16>,
+        norm_out: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        let rows = decoder_ops::add_rms_norm_rows(x.len(), y.len(), w.len(), cols)?;
+        check_out(sum_out.len(), x.len())?;
+        check_out(norm_out.len(), x.len())?;
+        let (rows, cols) = (to_u32(rows, "rows")?, to_u32(cols, "cols")?);
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
+        launch
+            .arg(x)
+            .arg(y)
+            .arg(w)
+            .arg(&cols)
+            .arg(&eps)
+            .arg(sum_out)
+            .arg(norm_out);
+        // SAFETY: the arguments match `jd_add_rms_norm_bf16`; x, y and both outputs hold
+        // `rows * cols` elements and w `cols` (checked above); block `r` touches row `r` only.
+        unsafe { launch.launch(grid((rows, 1), NORM_THREADS)) }?;
+        Ok(())
+    }
+
+    /// `out = silu(gate) * up` elementwise, rounded once.
+    pub fn silu_mul(
+        &self,
+        gate: &CudaView<'_, bf16>,
+        up: &CudaView<'_, bf16>,
+        out: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        decoder_ops::check_silu_mul(gate.len(), up.len())?;
+        check_out(out.len(), gate.len())?;
+        let n = to_u32(gate.len(), "elements")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut launch = self.stream.launch_builder(&self.silu_mul);
+        launch.arg(gate).arg(up).arg(&n).arg(out);
+        // SAFETY: matches `jd_silu_mul_bf16`; all three buffers hold `n` elements (checked
+        // above) and threads past `n` return.
+        unsafe {
+            launch.launch(grid(
+                (n.div_ceil(ELEMENTWISE_THREADS), 1),
+                ELEMENTWISE_THREADS,
+            ))
+        }?;
+        Ok(())
+    }
+}
+
+/// Checks an output of `len` elements matches inputs of `want`.
+fn check_out(len: usize, want: usize) -> Result<()> {
+    if len != want {
+        return Err(Error::Shape(format!(
+            "an output of {len} elements for inputs of {want}"
+        )));
+    }
+    Ok(())
 }
 
 fn grid((x, y): (u32, u32), threads: u32) -> LaunchConfig {

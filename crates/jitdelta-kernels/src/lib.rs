@@ -11,10 +11,12 @@
 //! 3. **draft**: the same reading only the code and high planes (1 byte a weight);
 //! 4. **routed**: draft everywhere, exact for the chunks a router picked;
 //! 5. **decode attention** ([`attention`]): short query blocks over a KV cache, each row on its
-//!    own, so a speculative verify pass is bit-identical to single-token steps.
+//!    own, so a speculative verify pass is bit-identical to single-token steps;
+//! 6. **fused decoder ops** ([`decoder_ops`]): residual add + RMSNorm and SwiGLU's
+//!    `silu(gate) * up`, one launch each instead of two.
 //!
-//! Every kernel has a CPU reference in [`reference`] that the tests and the benchmark compare
-//! against. The CUDA side needs the `cuda` feature; the references build everywhere.
+//! Every kernel has a CPU reference that the tests and the benchmark compare against: in
+//! [`reference`], or in its own module for 5 and 6. The CUDA side needs the `cuda` feature; the references build everywhere.
 //!
 //! ```
 //! use half::bf16;
@@ -35,10 +37,12 @@
 //!
 //! With the `cuda` feature, `gpu::Kernels::new(stream)` compiles the kernels for the stream's
 //! device (NVRTC, compute capability 8.0+), `Kernels::upload` puts a `ResidentTensor` in GPU
-//! memory, and `Kernels::decode` / `Kernels::gemv` run them.
+//! memory, and `Kernels::decode` / `Kernels::gemv` run them; `gpu::DecoderKernels` holds the
+//! attention and fused decoder ops.
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod decoder_ops;
 pub mod device_layout;
 mod error;
 #[cfg(feature = "cuda")]

@@ -3,15 +3,17 @@
 //! other kernel variants: `JITDELTA_KERNEL_DEFINES="LANE_VECS=1 GEMV_STAGES=4"`.
 #![cfg(feature = "cuda")]
 
-use cudarc::driver::{CudaContext, CudaSlice};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 use jitdelta_format::{FloatFormat, JdFile, ResidentTensor};
 use jitdelta_kernels::attention::{reference, AttentionShape};
-use jitdelta_kernels::gpu::{Attention, GpuResident, GpuSelection, Kernels};
+use jitdelta_kernels::decoder_ops;
+use jitdelta_kernels::gpu::{DecoderKernels, GpuResident, GpuSelection, Kernels};
 use jitdelta_kernels::reference::{decode_bf16, gemv, gemv_error, ChunkSelection};
 use jitdelta_kernels::Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::Arc;
 
 fn kernels() -> Kernels {
     let ctx = CudaContext::new(0).expect("a CUDA device");
@@ -24,9 +26,13 @@ fn kernels() -> Kernels {
     }
 }
 
-fn poisoned(k: &Kernels, n: usize) -> CudaSlice<bf16> {
-    k.stream()
-        .clone_htod(&vec![bf16::from_bits(0xFFFF); n.max(1)])
+fn decoder_kernels() -> DecoderKernels {
+    let ctx = CudaContext::new(0).expect("a CUDA device");
+    DecoderKernels::new(ctx.default_stream()).expect("decoder kernels compile")
+}
+
+fn poisoned(st: &Arc<CudaStream>, n: usize) -> CudaSlice<bf16> {
+    st.clone_htod(&vec![bf16::from_bits(0xFFFF); n.max(1)])
         .unwrap()
 }
 
@@ -58,7 +64,7 @@ fn assert_decode_matches(k: &Kernels, t: &ResidentTensor, what: &str) {
         decode_bf16(t, &sel, &mut want).unwrap();
         let g = k.upload(t).unwrap();
         let gs = k.selection(&g, &sel).unwrap();
-        let mut out = poisoned(k, rows * cols);
+        let mut out = poisoned(k.stream(), rows * cols);
         k.decode(&g, &gs, &mut out.slice_mut(..rows * cols))
             .unwrap();
         let got = k.stream().clone_dtoh(&out.slice(..rows * cols)).unwrap();
@@ -88,7 +94,7 @@ fn assert_gemv_matches(k: &Kernels, t: &ResidentTensor, what: &str) {
                 .collect();
             let want = gemv(t, &sel, &x, batch).unwrap();
             let xd = k.stream().clone_htod(&x).unwrap();
-            let mut y = poisoned(k, batch * rows);
+            let mut y = poisoned(k.stream(), batch * rows);
             k.gemv(
                 &g,
                 &gs,
@@ -178,14 +184,14 @@ fn gemv_rejects_what_it_cannot_run() {
     let w = weight_like(8, 40, 1);
     let g = k.upload(&resident(&w, 8, 40, 4)).unwrap();
     let x = k.stream().clone_htod(&vec![bf16::ONE; 40]).unwrap();
-    let mut y = poisoned(&k, 8);
+    let mut y = poisoned(k.stream(), 8);
     let sel = k.selection(&g, &ChunkSelection::Exact).unwrap();
     let r = k.gemv(&g, &sel, &x.as_view(), 1, &mut y.slice_mut(..8));
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let w = weight_like(8, 64, 1);
     let g = k.upload(&resident(&w, 8, 64, 4)).unwrap();
     let x = k.stream().clone_htod(&vec![bf16::ONE; 9 * 64]).unwrap();
-    let mut y = poisoned(&k, 9 * 8);
+    let mut y = poisoned(k.stream(), 9 * 8);
     let r = k.gemv(&g, &sel, &x.as_view(), 9, &mut y.slice_mut(..72));
     assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
     let r = k.selection(&g, &ChunkSelection::Routed(vec![true]));
@@ -212,7 +218,7 @@ fn real_weights_decode_bit_exact_and_gemv() {
         let (rows, cols) = t.dims();
         let g = k.upload(&t).unwrap();
         let gs = k.selection(&g, &ChunkSelection::Exact).unwrap();
-        let mut out = poisoned(&k, rows * cols);
+        let mut out = poisoned(k.stream(), rows * cols);
         k.decode(&g, &gs, &mut out.slice_mut(..rows * cols))
             .unwrap();
         let got = k.stream().clone_dtoh(&out.slice(..rows * cols)).unwrap();
@@ -240,7 +246,7 @@ fn scaled_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
 /// the elements the kernel reads (a whole last head's buffer): they go up whole and the kernel
 /// gets views of the elements it may read, the rest lying just past them in device memory.
 fn attention_on_gpu(
-    a: &Attention,
+    a: &DecoderKernels,
     s: &AttentionShape,
     q: &[bf16],
     k: &[bf16],
@@ -252,11 +258,9 @@ fn attention_on_gpu(
         st.clone_htod(k).unwrap(),
         st.clone_htod(v).unwrap(),
     );
-    let mut y = st
-        .clone_htod(&vec![bf16::from_bits(0xFFFF); s.lens().2])
-        .unwrap();
+    let mut y = poisoned(st, s.lens().2);
     let kv = s.lens().1;
-    a.run(
+    a.attention(
         s,
         &dq.as_view(),
         &dk.slice(..kv),
@@ -282,8 +286,7 @@ fn with_capacity(t: &[bf16], s: &AttentionShape, capacity: usize) -> Vec<bf16> {
 
 #[test]
 fn attention_matches_reference_and_a_block_equals_single_steps() {
-    let ctx = CudaContext::new(0).expect("a CUDA device");
-    let a = Attention::new(ctx.default_stream()).expect("attention compiles");
+    let a = decoder_kernels();
     let mut checked = 0;
     for (heads, kv_heads, d) in [
         (4, 4, 32),
@@ -370,8 +373,7 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
 
 #[test]
 fn attention_propagates_nan_and_rejects_bad_shapes() {
-    let ctx = CudaContext::new(0).expect("a CUDA device");
-    let a = Attention::new(ctx.default_stream()).expect("attention compiles");
+    let a = decoder_kernels();
     let s = AttentionShape {
         rows: 3,
         heads: 4,
@@ -410,7 +412,7 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
         head_dim: 48,
     };
     assert!(matches!(
-        a.run(
+        a.attention(
             &bad,
             &buf.as_view(),
             &buf.as_view(),
@@ -430,7 +432,7 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
         ..short
     };
     assert!(matches!(
-        a.run(
+        a.attention(
             &unpacked,
             &buf.as_view(),
             &buf.as_view(),
@@ -440,7 +442,7 @@ fn attention_propagates_nan_and_rejects_bad_shapes() {
         Err(Error::Shape(_))
     ));
     assert!(a
-        .run(
+        .attention(
             &short,
             &buf.as_view(),
             &buf.as_view(),
@@ -460,7 +462,7 @@ fn gemv_on_gpu(
 ) -> Vec<bf16> {
     let rows = g.dims().0;
     let xd = k.stream().clone_htod(x).unwrap();
-    let mut y = poisoned(k, batch * rows);
+    let mut y = poisoned(k.stream(), batch * rows);
     k.gemv(g, sel, &xd.as_view(), batch, &mut y.as_view_mut())
         .unwrap();
     k.stream().clone_dtoh(&y).unwrap()
@@ -524,7 +526,7 @@ fn group_on_gpu(
 ) -> Vec<Vec<bf16>> {
     let xd = k.stream().clone_htod(x).unwrap();
     let rows: Vec<usize> = gs.iter().map(|g| g.dims().0).collect();
-    let mut y = poisoned(k, batch * rows.iter().sum::<usize>());
+    let mut y = poisoned(k.stream(), batch * rows.iter().sum::<usize>());
     k.gemv_group(gs, sel, &xd.as_view(), batch, &mut y.as_view_mut())
         .unwrap();
     let all = k.stream().clone_dtoh(&y).unwrap();
@@ -585,7 +587,7 @@ fn grouped_gemv_equals_single_launches() {
     let refused = |gs: &[&GpuResident], sel: &GpuSelection, y_len: usize| {
         let cols = gs[0].dims().1;
         let x = k.stream().clone_htod(&vec![bf16::ONE; cols]).unwrap();
-        let mut y = poisoned(&k, y_len);
+        let mut y = poisoned(k.stream(), y_len);
         k.gemv_group(gs, sel, &x.as_view(), 1, &mut y.as_view_mut())
             .is_err()
     };
@@ -598,4 +600,245 @@ fn grouped_gemv_equals_single_launches() {
     assert!(refused(&[&a, &a, &a, &a], &GpuSelection::Exact, 256));
     assert!(refused(&[&small, &big], &GpuSelection::Draft, 12_864));
     assert!(!refused(&[&small, &small], &GpuSelection::Draft, 128));
+}
+
+/// The smallest magnitude that BF16 rounds to infinity: the largest finite value plus half a
+/// step.
+const BF16_OVERFLOW: f64 = (2.0 - 1.0 / 256.0) * 1.7014118346046923e38;
+
+/// Whether `got` is within one BF16 step (at `want`'s magnitude) of `want`. NaN must give NaN;
+/// values past [`BF16_OVERFLOW`] (infinite ones included) must give the infinity of their sign.
+fn within_one_ulp(got: bf16, want: f64) -> bool {
+    if want.is_nan() {
+        return got.is_nan();
+    }
+    if want.abs() >= BF16_OVERFLOW {
+        return got.to_f64() == want.signum() * f64::INFINITY;
+    }
+    let exponent = ((want.abs().to_bits() >> 52) as i32 - 1023).max(-126);
+    (got.to_f64() - want).abs() <= 2f64.powi(exponent - 7)
+}
+
+/// Checks every output against the f64 reference within one BF16 step and returns how many
+/// are its nearest BF16 exactly.
+fn assert_within_one_ulp(got: &[bf16], want: &[f64], what: &str) -> usize {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(within_one_ulp(g, w), "{what} element {i}: {g} vs {w}");
+    }
+    got.iter()
+        .zip(want)
+        .filter(|(g, w)| same_bits(**g, bf16::from_f32(**w as f32)))
+        .count()
+}
+
+/// Equal bits, any NaN equal to any NaN.
+fn same_bits(a: bf16, b: bf16) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+fn assert_same_bits(got: &[bf16], want: &[bf16], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    if let Some(i) = (0..got.len()).find(|&i| !same_bits(got[i], want[i])) {
+        panic!("{what} element {i}: {} vs {}", got[i], want[i]);
+    }
+}
+
+/// Runs add + RMSNorm into poisoned outputs and returns the sums and the normalised rows.
+fn add_rms_norm_on_gpu(
+    a: &DecoderKernels,
+    x: &[bf16],
+    y: &[bf16],
+    w: &[bf16],
+    eps: f32,
+    cols: usize,
+) -> (Vec<bf16>, Vec<bf16>) {
+    let st = a.stream();
+    let (dx, dy, dw) = (
+        st.clone_htod(x).unwrap(),
+        st.clone_htod(y).unwrap(),
+        st.clone_htod(w).unwrap(),
+    );
+    let (mut sum, mut norm) = (poisoned(st, x.len()), poisoned(st, x.len()));
+    a.add_rms_norm(
+        &dx.as_view(),
+        &dy.as_view(),
+        &dw.as_view(),
+        eps,
+        cols,
+        &mut sum.slice_mut(..x.len()),
+        &mut norm.slice_mut(..x.len()),
+    )
+    .unwrap();
+    (
+        st.clone_dtoh(&sum.slice(..x.len())).unwrap(),
+        st.clone_dtoh(&norm.slice(..x.len())).unwrap(),
+    )
+}
+
+/// Eight rows of `cols` for add + RMSNorm: random rows of several scales, then adversarial
+/// ones: `x = -y` (a zero sum, normalised with eps alone), magnitudes near 2^50, and tiny
+/// values whose squares underflow f32.
+fn norm_rows(cols: usize, seed: u64) -> (Vec<bf16>, Vec<bf16>) {
+    let scales = [1.0, 4.0, 0.05, 30.0, 1.0, 1.0, 1e15, 1e-30];
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for (r, scale) in scales.into_iter().enumerate() {
+        let seed = seed + 2 * r as u64;
+        x.extend(scaled_bf16(cols, seed, scale));
+        y.extend(scaled_bf16(cols, seed + 1, scale));
+    }
+    let zero_row = 5 * cols..6 * cols;
+    let negated: Vec<bf16> = x[zero_row.clone()].iter().map(|v| -*v).collect();
+    y[zero_row].copy_from_slice(&negated);
+    (x, y)
+}
+
+#[test]
+fn add_rms_norm_matches_reference_and_rows_are_independent() {
+    let a = decoder_kernels();
+    let (eps, mut exact, mut total) = (1e-6f32, 0, 0);
+    for cols in [1, 31, 576, 4096, 4097] {
+        let (x, y) = norm_rows(cols, cols as u64);
+        let w = scaled_bf16(cols, 99, 2.0);
+        let singles: Vec<(Vec<bf16>, Vec<bf16>)> = (0..8)
+            .map(|r| {
+                let row = r * cols..(r + 1) * cols;
+                add_rms_norm_on_gpu(&a, &x[row.clone()], &y[row], &w, eps, cols)
+            })
+            .collect();
+        let (want_sum, want_norm) = decoder_ops::add_rms_norm(&x, &y, &w, eps, cols).unwrap();
+        for (r, (sum, norm)) in singles.iter().enumerate() {
+            let what = format!("cols {cols} row {r}");
+            assert_same_bits(sum, &want_sum[r * cols..][..cols], &what);
+            exact += assert_within_one_ulp(norm, &want_norm[r * cols..][..cols], &what);
+            total += cols;
+        }
+        for rows in 1..=8 {
+            let n = rows * cols;
+            let (sum, norm) = add_rms_norm_on_gpu(&a, &x[..n], &y[..n], &w, eps, cols);
+            for (r, (one_sum, one_norm)) in singles.iter().take(rows).enumerate() {
+                let what = format!("cols {cols}: row {r} of {rows} against the row alone");
+                assert_same_bits(&sum[r * cols..][..cols], one_sum, &what);
+                assert_same_bits(&norm[r * cols..][..cols], one_norm, &what);
+            }
+        }
+    }
+    eprintln!("add + RMSNorm: {exact} of {total} nearest to the f64 reference");
+    assert!(exact * 10 >= total * 9, "{exact} of {total} exact");
+}
+
+#[test]
+fn add_rms_norm_propagates_inf_and_nan() {
+    let a = decoder_kernels();
+    let cols = 64;
+    let mut x = scaled_bf16(4 * cols, 5, 1.0);
+    let mut y = scaled_bf16(4 * cols, 6, 1.0);
+    // Row 0: a sum that overflows to inf; row 1: a NaN; row 2: inf - inf; row 3: plain.
+    (x[3], y[3]) = (bf16::MAX, bf16::MAX);
+    y[cols + 7] = bf16::NAN;
+    (x[2 * cols + 9], y[2 * cols + 9]) = (bf16::NEG_INFINITY, bf16::INFINITY);
+    let (sum, norm) = add_rms_norm_on_gpu(&a, &x, &y, &bf16s(cols, 1.5), 1e-5, cols);
+    let (want_sum, want_norm) =
+        decoder_ops::add_rms_norm(&x, &y, &bf16s(cols, 1.5), 1e-5, cols).unwrap();
+    assert_same_bits(&sum, &want_sum, "sums");
+    assert_within_one_ulp(&norm, &want_norm, "normalised rows");
+    assert!(sum[3].is_infinite() && norm[3].is_nan());
+    assert!(norm[..cols]
+        .iter()
+        .enumerate()
+        .all(|(i, v)| i == 3 || v.to_f32() == 0.0));
+    assert!(norm[cols..3 * cols].iter().all(|v| v.is_nan()));
+    assert!(norm[3 * cols..].iter().all(|v| v.is_finite()));
+}
+
+fn bf16s(n: usize, v: f32) -> Vec<bf16> {
+    vec![bf16::from_f32(v); n]
+}
+
+fn silu_mul_on_gpu(a: &DecoderKernels, gate: &[bf16], up: &[bf16]) -> Vec<bf16> {
+    let st = a.stream();
+    let (dg, du) = (st.clone_htod(gate).unwrap(), st.clone_htod(up).unwrap());
+    let mut out = poisoned(st, gate.len());
+    a.silu_mul(
+        &dg.as_view(),
+        &du.as_view(),
+        &mut out.slice_mut(..gate.len()),
+    )
+    .unwrap();
+    st.clone_dtoh(&out.slice(..gate.len())).unwrap()
+}
+
+#[test]
+fn silu_mul_matches_reference() {
+    let a = decoder_kernels();
+    let (mut exact, mut total) = (0, 0);
+    for n in [1, 255, 256, 257, 8 * 4096 + 3] {
+        let mut gate = scaled_bf16(n, n as u64, 12.0);
+        let mut up = scaled_bf16(n, n as u64 + 1, 3.0);
+        // Zeros, large magnitudes (silu(-1e4) underflows to -0 in f64 too), an overflowing
+        // product, infinities and NaN (silu(-inf) is NaN).
+        let special = [
+            (0.0, 1.0),
+            (1.0, 0.0),
+            (1e4, 2.0),
+            (-1e4, 2.0),
+            (80.0, -1e30),
+            (10.0, bf16::MAX.to_f32()),
+            (f32::INFINITY, 1.0),
+            (f32::NEG_INFINITY, 1.0),
+            (f32::NAN, 1.0),
+            (1.0, f32::NAN),
+            (2.0, f32::NEG_INFINITY),
+        ];
+        for (i, (g, u)) in special.into_iter().enumerate().take(n) {
+            let at = i * n / special.len();
+            (gate[at], up[at]) = (bf16::from_f32(g), bf16::from_f32(u));
+        }
+        let got = silu_mul_on_gpu(&a, &gate, &up);
+        let want = decoder_ops::silu_mul(&gate, &up).unwrap();
+        exact += assert_within_one_ulp(&got, &want, &format!("{n} elements"));
+        total += n;
+    }
+    eprintln!("silu * up: {exact} of {total} nearest to the f64 reference");
+    assert!(exact * 10 >= total * 9, "{exact} of {total} exact");
+}
+
+#[test]
+fn fused_ops_reject_bad_lengths() {
+    let a = decoder_kernels();
+    let st = a.stream();
+    let buf = st.clone_htod(&bf16s(64, 1.0)).unwrap();
+    let mut out = poisoned(st, 64);
+    let mut out2 = poisoned(st, 64);
+    let v = |n: usize| buf.slice(..n);
+    // Lengths of x, y, w, the row size, lengths of the sum and the norm outputs.
+    for (x, y, w, cols, s, h) in [
+        (64, 64, 32, 0, 64, 64),
+        (64, 64, 24, 24, 64, 64),
+        (64, 32, 32, 32, 64, 64),
+        (64, 64, 32, 32, 63, 64),
+        (64, 64, 32, 32, 64, 32),
+    ] {
+        let r = a.add_rms_norm(
+            &v(x),
+            &v(y),
+            &v(w),
+            1e-5,
+            cols,
+            &mut out.slice_mut(..s),
+            &mut out2.slice_mut(..h),
+        );
+        assert!(
+            matches!(r, Err(Error::Shape(_))),
+            "{x} {y} {w} {cols} {s} {h}"
+        );
+    }
+    assert!(matches!(
+        a.silu_mul(&v(64), &v(63), &mut out.slice_mut(..64)),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        a.silu_mul(&v(64), &v(64), &mut out.slice_mut(..32)),
+        Err(Error::Shape(_))
+    ));
 }

@@ -49,7 +49,7 @@ mod error;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
-mod gpu_attention;
+mod gpu_ops;
 mod jit_linear;
 mod kv_cache;
 mod linear;

@@ -78,9 +78,10 @@ pub(crate) struct Decoder {
     norm: Tensor,
     lm_head: Arc<dyn LinearLayer>,
     rope: Rope,
-    /// Single-token steps and verify blocks on CUDA: one kernel launch a layer.
+    /// Attention of single-token steps and verify blocks, add + RMSNorm and silu * up on CUDA:
+    /// one kernel launch each.
     #[cfg(feature = "cuda")]
-    fused_attention: crate::gpu_attention::FusedAttention,
+    fused: crate::gpu_ops::FusedOps,
 }
 
 fn norm(source: &dyn LayerSource, name: &str, size: usize) -> Result<Tensor> {
@@ -143,7 +144,7 @@ impl Decoder {
             lm_head,
             rope,
             #[cfg(feature = "cuda")]
-            fused_attention: Default::default(),
+            fused: Default::default(),
         })
     }
 
@@ -222,19 +223,22 @@ impl Decoder {
         };
         let eps = self.cfg.rms_norm_eps as f32;
         let mut hidden = Vec::new();
+        // Every norm but the first follows a residual add: the two run as one op, `h` the
+        // normalised stream, `x` the stream itself.
+        let first_norm = self.blocks.first().map_or(&self.norm, |b| &b.input_norm);
+        let mut h = candle_nn::ops::rms_norm(&x, first_norm, eps)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.input_norm, eps)?;
             let attn = self.attention(block, &h, l, cache, &cos, &sin, mask.as_ref())?;
-            x = (x + attn)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
-            let [gate, up] = forward_all([&block.gate, &block.up], &h)?;
-            let mlp = block.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
-            x = (x + mlp)?;
+            let (x_attn, h_attn) = self.add_rms_norm(&x, &attn, &block.post_norm, eps)?;
+            let [gate, up] = forward_all([&block.gate, &block.up], &h_attn)?;
+            let mlp = block.down.forward(&self.silu_mul(&gate, &up)?)?;
+            let next_norm = self.blocks.get(l + 1).map_or(&self.norm, |b| &b.input_norm);
+            (x, h) = self.add_rms_norm(&x_attn, &mlp, next_norm, eps)?;
             if collect_hidden {
                 hidden.push(x.clone());
             }
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = h;
         let logits = match logits {
             Logits::All => self.lm_head.forward(&x)?,
             Logits::Last => self
@@ -246,6 +250,32 @@ impl Decoder {
             logits: logits.to_dtype(DType::F32)?,
             hidden,
         })
+    }
+
+    /// `(x + y, rms_norm(x + y) * w)`: one kernel on CUDA where it applies, else candle's ops.
+    fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        w: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(both) = self.fused.add_rms_norm(x, y, w, eps)? {
+            return Ok(both);
+        }
+        let sum = (x + y)?;
+        let norm = candle_nn::ops::rms_norm(&sum, w, eps)?;
+        Ok((sum, norm))
+    }
+
+    /// SwiGLU's `silu(gate) * up`: one kernel on CUDA where it applies, else candle's ops.
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fused.silu_mul(gate, up)? {
+            return Ok(y);
+        }
+        Ok((candle_nn::ops::silu(gate)? * up)?)
     }
 
     /// The additive causal mask for `seq` queries at `offset`, rows repeated for each query
@@ -291,7 +321,7 @@ impl Decoder {
         let offset = k.dim(2)? - seq;
         #[cfg(feature = "cuda")]
         if seq == 1 || per_position(seq, offset) {
-            if let Some(y) = self.fused_attention.attend(&q, &k, &v)? {
+            if let Some(y) = self.fused.attend(&q, &k, &v)? {
                 return Ok(block.o.forward(&y)?);
             }
         }
