@@ -115,11 +115,16 @@ jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     }
 }
 
-#define NORM_THREADS 256
+#define NORM_THREADS 1024
+// Columns each thread keeps in registers (rows up to NORM_THREADS * NORM_HELD = 8192 columns
+// are read once, with all of a thread's loads in flight together; longer rows loop).
+#define NORM_HELD 8
 
 // s = bf16(x + y) and h = bf16(s * rsqrt(mean(s^2) + eps) * w) for one row of cols a block,
 // x, y, sum, out (rows, cols), w (cols). The squares are summed per thread in column order,
 // then across each warp by shuffles and across warps in warp order: the same for every launch.
+// A lone row is one block, so its latency is the kernel's: 1024 threads and unrolled loads
+// (256 threads looping over a 4096-column row made the step slower than candle's two ops).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 jd_add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
                      const u16* __restrict__ w, u32 cols, float eps, u16* __restrict__ sum,
@@ -127,8 +132,21 @@ jd_add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
     __shared__ float part[NORM_THREADS / 32];
     const u64 base = (u64)blockIdx.x * cols;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    float held[NORM_HELD];
     float sq = 0.f;
-    for (u32 c = threadIdx.x; c < cols; c += NORM_THREADS) {
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; ++i) {
+        const u32 c = threadIdx.x + i * NORM_THREADS;
+        held[i] = c < cols ? bf16_to_f32(f32_to_bf16(bf16_to_f32(x[base + c]) + bf16_to_f32(y[base + c])))
+                           : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; ++i) {
+        const u32 c = threadIdx.x + i * NORM_THREADS;
+        if (c < cols) sum[base + c] = f32_to_bf16(held[i]);
+        sq = fmaf(held[i], held[i], sq);
+    }
+    for (u32 c = threadIdx.x + NORM_HELD * NORM_THREADS; c < cols; c += NORM_THREADS) {
         const u16 s = f32_to_bf16(bf16_to_f32(x[base + c]) + bf16_to_f32(y[base + c]));
         sum[base + c] = s;
         const float f = bf16_to_f32(s);
@@ -142,8 +160,13 @@ jd_add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
 #pragma unroll
     for (int i = 0; i < NORM_THREADS / 32; ++i) total += part[i];
     const float scale = rsqrtf(total / (float)cols + eps);
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; ++i) {
+        const u32 c = threadIdx.x + i * NORM_THREADS;
+        if (c < cols) out[base + c] = f32_to_bf16(held[i] * scale * bf16_to_f32(w[c]));
+    }
     // s recomputed rather than read back: the same bits, and no read of a written buffer.
-    for (u32 c = threadIdx.x; c < cols; c += NORM_THREADS) {
+    for (u32 c = threadIdx.x + NORM_HELD * NORM_THREADS; c < cols; c += NORM_THREADS) {
         const float s =
             bf16_to_f32(f32_to_bf16(bf16_to_f32(x[base + c]) + bf16_to_f32(y[base + c])));
         out[base + c] = f32_to_bf16(s * scale * bf16_to_f32(w[c]));

@@ -19,7 +19,7 @@ const SOURCE: &str = include_str!("kernels.cu");
 const ATTENTION_SOURCE: &str = include_str!("attention.cu");
 const ATTENTION_THREADS: u32 = 4 * 32;
 /// `NORM_THREADS` in `attention.cu`.
-const NORM_THREADS: u32 = 256;
+const NORM_THREADS: u32 = 1024;
 const ELEMENTWISE_THREADS: u32 = 256;
 /// Largest activation batch the fused GEMV takes (one mma.m16n8k16 column block).
 pub const MAX_GEMV_BATCH: usize = 8;

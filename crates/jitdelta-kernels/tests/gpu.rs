@@ -697,7 +697,7 @@ fn norm_rows(cols: usize, seed: u64) -> (Vec<bf16>, Vec<bf16>) {
 fn add_rms_norm_matches_reference_and_rows_are_independent() {
     let a = decoder_kernels();
     let (eps, mut exact, mut total) = (1e-6f32, 0, 0);
-    for cols in [1, 31, 576, 4096, 4097] {
+    for cols in [1, 31, 576, 4096, 4097, 9001] {
         let (x, y) = norm_rows(cols, cols as u64);
         let w = scaled_bf16(cols, 99, 2.0);
         let singles: Vec<(Vec<bf16>, Vec<bf16>)> = (0..8)
