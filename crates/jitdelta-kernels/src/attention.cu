@@ -31,21 +31,44 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 }
 
 // q: (heads, rows, d); k, v: (kv_heads, capacity, d) buffers holding total positions a head
-// (capacity >= total: a KV cache read in place); y: (rows, heads, d). Row i sits at position
-// total - rows + i and attends to positions 0..=that. Grid (rows, heads), ATTN_WARPS warps:
-// warp w takes positions w, w + ATTN_WARPS, ... with an online softmax, lane l holds elements
-// l * per_lane .. of the head; the warps' partial results are merged in warp order.
+// (capacity >= total: a KV cache read in place). Row i sits at position total - rows + i and
+// attends to positions 0..=that. Two kernels (flash-decoding): the positions are cut into
+// splits of ATTN_SPLIT, one block per (row, head, split) computes that split's unnormalised
+// partial (running max m, sum l, acc[d]), and jd_attention_merge_bf16 combines a row's splits
+// in split order. A lone decode step thus runs heads * splits blocks instead of heads, and a
+// row's splits and their order depend only on its own position count, so a verify block's row
+// is bit-identical to the single-token step. Inside a block, warp w takes positions
+// w, w + ATTN_WARPS, ... of the split with an online softmax, lane l holds elements
+// l * per_lane .. of the head, and the warps' partials are merged in warp order.
+#define ATTN_SPLIT 64
+
+// Partials: (rows, heads, splits) records of PART_STRIDE(d) floats: m, l, acc[0..d).
+#define PART_STRIDE(d) ((d) + 2)
+
+// Online-softmax merge of (m2, l2, a2) into (m, l, a) for one element: NaN scores propagate,
+// empty partials (m = -inf) add nothing.
+__device__ __forceinline__ void merge_partial(float& m, float& l, float& a, float m2, float l2, float a2) {
+    const float big = m2 != m2 ? m2 : fmaxf(m, m2);
+    const float f1 = m == NEG_INF ? 0.f : __expf(m - big);
+    const float f2 = m2 == NEG_INF ? 0.f : __expf(m2 - big);
+    l = fmaf(l2, f2, l * f1);
+    a = fmaf(a2, f2, a * f1);
+    m = big;
+}
+
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
-jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                  u32 rows, u32 heads, u32 kv_heads, u32 total, u32 capacity, u32 d, float scale,
-                  u16* __restrict__ y) {
+jd_attention_partial_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
+                          const u16* __restrict__ v, u32 rows, u32 heads, u32 kv_heads,
+                          u32 total, u32 capacity, u32 d, float scale, float* __restrict__ part) {
     __shared__ float part_m[ATTN_WARPS], part_l[ATTN_WARPS];
     __shared__ float part_acc[ATTN_WARPS][MAX_HEAD_DIM];
-    const u32 row = blockIdx.x, head = blockIdx.y;
+    const u32 row = blockIdx.x, head = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 per_lane = d / 32;
     const u32 kvh = head / (heads / kv_heads);
     const u32 n = total - rows + row + 1;
+    const u32 first = split * ATTN_SPLIT, end = min(n, first + ATTN_SPLIT);
+    if (first >= n) return;  // past this row's positions: the merge never reads it
     const u16* qh = q + ((u64)head * rows + row) * d;
     const u16* kh = k + (u64)kvh * capacity * d;
     const u16* vh = v + (u64)kvh * capacity * d;
@@ -59,12 +82,12 @@ jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     float m = NEG_INF, l = 0.f;
     // UNROLL positions a step per warp (w + ATTN_WARPS * (UNROLL * step + u)): their loads go
     // out together.
-    for (u32 base = warp; base < n; base += ATTN_WARPS * UNROLL) {
+    for (u32 base = first + warp; base < end; base += ATTN_WARPS * UNROLL) {
         float s[UNROLL], vv[UNROLL][MAX_PER_LANE];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const u32 j = base + ATTN_WARPS * u;
-            const bool in = j < n;
+            const bool in = j < end;
             const u16* kj = kh + (u64)(in ? j : 0u) * d + lane * per_lane;
             const u16* vj = vh + (u64)(in ? j : 0u) * d + lane * per_lane;
             float dot = 0.f;
@@ -100,18 +123,34 @@ jd_attention_bf16(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     for (int e = 0; e < MAX_PER_LANE; ++e)
         if (e < per_lane) part_acc[warp][lane * per_lane + e] = acc[e];
     __syncthreads();
+    float* out = part + (((u64)row * heads + head) * splits + split) * PART_STRIDE(d);
     for (u32 t = threadIdx.x; t < d; t += ATTN_WARPS * 32) {
-        float big = NEG_INF;
+        float bm = NEG_INF, bl = 0.f, ba = 0.f;
 #pragma unroll
-        for (int w = 0; w < ATTN_WARPS; ++w) big = fmaxf(big, part_m[w]);
-        float sum_l = 0.f, sum_acc = 0.f;
-#pragma unroll
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            const float f = part_m[w] == NEG_INF ? 0.f : __expf(part_m[w] - big);
-            sum_l = fmaf(part_l[w], f, sum_l);
-            sum_acc = fmaf(part_acc[w][t], f, sum_acc);
+        for (int w = 0; w < ATTN_WARPS; ++w) merge_partial(bm, bl, ba, part_m[w], part_l[w], part_acc[w][t]);
+        out[2 + t] = ba;
+        if (t == 0) {
+            out[0] = bm;
+            out[1] = bl;
         }
-        y[((u64)row * heads + head) * d + t] = f32_to_bf16(sum_acc / sum_l);
+    }
+}
+
+// y: (rows, heads, d). One block per (row, head): the row's splits merged in split order.
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+jd_attention_merge_bf16(const float* __restrict__ part, u32 rows, u32 heads, u32 total, u32 d,
+                        u32 splits, u16* __restrict__ y) {
+    const u32 row = blockIdx.x, head = blockIdx.y;
+    const u32 n = total - rows + row + 1;
+    const u32 used = (n + ATTN_SPLIT - 1) / ATTN_SPLIT;
+    const float* rec = part + ((u64)row * heads + head) * splits * PART_STRIDE(d);
+    for (u32 t = threadIdx.x; t < d; t += ATTN_WARPS * 32) {
+        float m = NEG_INF, l = 0.f, a = 0.f;
+        for (u32 s = 0; s < used; ++s) {
+            const float* r = rec + (u64)s * PART_STRIDE(d);
+            merge_partial(m, l, a, r[0], r[1], r[2 + t]);
+        }
+        y[((u64)row * heads + head) * d + t] = f32_to_bf16(a / l);
     }
 }
 

@@ -18,6 +18,8 @@ use std::sync::Arc;
 const SOURCE: &str = include_str!("kernels.cu");
 const ATTENTION_SOURCE: &str = include_str!("attention.cu");
 const ATTENTION_THREADS: u32 = 4 * 32;
+/// Positions a block of the decode attention takes (`ATTN_SPLIT` in `attention.cu`).
+const ATTENTION_SPLIT: u32 = 64;
 /// `NORM_THREADS` in `attention.cu`.
 const NORM_THREADS: u32 = 1024;
 const ELEMENTWISE_THREADS: u32 = 256;
@@ -509,7 +511,8 @@ fn compile(
 #[derive(Debug)]
 pub struct DecoderKernels {
     stream: Arc<CudaStream>,
-    attention: CudaFunction,
+    attention_partial: CudaFunction,
+    attention_merge: CudaFunction,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
 }
@@ -519,7 +522,8 @@ impl DecoderKernels {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let module = compile(&stream, ATTENTION_SOURCE, &[])?;
         Ok(Self {
-            attention: module.load_function("jd_attention_bf16")?,
+            attention_partial: module.load_function("jd_attention_partial_bf16")?,
+            attention_merge: module.load_function("jd_attention_merge_bf16")?,
             add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
             silu_mul: module.load_function("jd_silu_mul_bf16")?,
             stream,
@@ -560,7 +564,15 @@ impl DecoderKernels {
             dim(shape.head_dim)?,
         );
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let mut launch = self.stream.launch_builder(&self.attention);
+        // One partial record (m, l, acc[d]) per (row, head, split of ATTENTION_SPLIT positions).
+        let splits = total.div_ceil(ATTENTION_SPLIT);
+        // SAFETY: the merge reads only the records of splits a row has, which the partial
+        // kernel writes.
+        let mut part = unsafe {
+            self.stream
+                .alloc::<f32>(shape.rows * shape.heads * splits as usize * (shape.head_dim + 2))
+        }?;
+        let mut launch = self.stream.launch_builder(&self.attention_partial);
         launch
             .arg(q)
             .arg(k)
@@ -572,9 +584,23 @@ impl DecoderKernels {
             .arg(&capacity)
             .arg(&d)
             .arg(&scale)
+            .arg(&mut part);
+        let mut config = grid((rows, heads), ATTENTION_THREADS);
+        config.grid_dim.2 = splits;
+        // SAFETY: the argument list matches `jd_attention_partial_bf16`; every buffer holds the
+        // elements its shape needs (checked above, `part` sized here) and the kernel indexes
+        // only within them.
+        unsafe { launch.launch(config) }?;
+        let mut launch = self.stream.launch_builder(&self.attention_merge);
+        launch
+            .arg(&part)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&total)
+            .arg(&d)
+            .arg(&splits)
             .arg(y);
-        // SAFETY: the argument list matches `jd_attention_bf16`; every buffer holds the elements
-        // its shape needs (checked above) and the kernel indexes only within them.
+        // SAFETY: matches `jd_attention_merge_bf16`; `part` as written above, `y` checked.
         unsafe { launch.launch(grid((rows, heads), ATTENTION_THREADS)) }?;
         Ok(())
     }

@@ -295,7 +295,7 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
         (9, 3, 96),
         (2, 1, 256),
     ] {
-        for total in [1, 2, 5, 37, 300] {
+        for total in [1, 2, 5, 37, 64, 65, 300, 1100] {
             for rows in [1, 2, 5, 8].into_iter().filter(|&r| r <= total) {
                 let s = AttentionShape {
                     rows,
