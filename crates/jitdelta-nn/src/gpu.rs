@@ -78,11 +78,7 @@ impl GpuStore {
             .step_by(MAX_GEMV_BATCH)
             .map(|start| {
                 let n = MAX_GEMV_BATCH.min(batch - start);
-                let mut part = flat.narrow(0, start, n)?.contiguous()?;
-                if part.layout().start_offset() % 8 != 0 {
-                    part = part.copy()?; // the kernel loads 16-byte vectors
-                }
-                part.apply_op1_no_bwd(&FusedGemv {
+                kernel_input(flat.narrow(0, start, n)?)?.apply_op1_no_bwd(&FusedGemv {
                     store: self,
                     sel: &sel,
                     rows,
@@ -90,11 +86,7 @@ impl GpuStore {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = rows;
-        }
-        Tensor::cat(&parts, 0)?.reshape(dims)
+        Tensor::cat(&parts, 0)?.reshape(out_dims(x.dims(), rows))
     }
 
     /// `x @ W_i^T` for layers reading the same `x` (a block's q, k and v; gate and up) in one
@@ -127,10 +119,7 @@ impl GpuStore {
         {
             return Ok(None);
         }
-        let mut flat = x.reshape((batch, cols))?.contiguous()?;
-        if flat.layout().start_offset() % 8 != 0 {
-            flat = flat.copy()?; // the kernel loads 16-byte vectors
-        }
+        let flat = kernel_input(x.reshape((batch, cols))?)?;
         let rows: Vec<usize> = tensors.iter().map(|t| t.dims().0).collect();
         let all = flat.apply_op1_no_bwd(&GroupedGemv {
             kernels: &first.kernels,
@@ -141,16 +130,32 @@ impl GpuStore {
         let mut at = 0;
         rows.iter()
             .map(|&r| {
-                let mut dims = x.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = r;
-                }
                 at += batch * r;
-                all.narrow(0, at - batch * r, batch * r)?.reshape(dims)
+                all.narrow(0, at - batch * r, batch * r)?
+                    .reshape(out_dims(x.dims(), r))
             })
             .collect::<candle_core::Result<Vec<_>>>()
             .map(Some)
     }
+}
+
+/// Activation rows as the GEMV kernels read them: contiguous, starting 16-byte aligned (they
+/// load 16-byte vectors).
+fn kernel_input(x: Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.layout().start_offset() % 8 != 0 {
+        return x.copy();
+    }
+    Ok(x)
+}
+
+/// An input shape with its last dimension (the input features) replaced by `rows` outputs.
+fn out_dims(input: &[usize], rows: usize) -> Vec<usize> {
+    let mut dims = input.to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    dims
 }
 
 /// The grouped GEMV as a candle op: `(batch, cols)` in, every tensor's `(batch, rows_i)` out,
@@ -249,10 +254,9 @@ impl CustomOp1 for FusedGemv<'_> {
                 &mut y.as_view_mut(),
             )
             .map_err(wrap)?;
-        let mut dims = layout.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.rows;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims)))
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev),
+            Shape::from(out_dims(layout.dims(), self.rows)),
+        ))
     }
 }
