@@ -6,7 +6,7 @@ machine without a GPU (nvcc includes headers that NVRTC lacks, so nvcc passing p
         # after: source ../shared/gpu/cuda-build-env.sh; --ptxas also assembles the PTX for
         # sm_90 and prints each kernel's registers, spills and shared memory (ptxas -v)
 
-Finds libnvrtc in the CUDA wheels of cuda-build-env.sh (or $NVRTC_LIB); exits 1 on an error.
+Prepends pdl.cuh from the source's folder, as the crate does. Finds libnvrtc in the CUDA wheels of cuda-build-env.sh (or $NVRTC_LIB); exits 1 on an error.
 """
 import ctypes
 import glob
@@ -57,6 +57,10 @@ def main():
     for path in [a for a in args if not a.startswith("-")]:
         prog = ctypes.c_void_p()
         src = open(path, "rb").read()
+        # The crate compiles every .cu after pdl.cuh, found beside it.
+        prelude = os.path.join(os.path.dirname(path), "pdl.cuh")
+        if os.path.exists(prelude):
+            src = open(prelude, "rb").read() + src
         if lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.encode(), 0, None, None) != 0:
             sys.exit(f"nvrtc_check: cannot create a program for {path}")
         flags = [b"--gpu-architecture=compute_90"] + defines

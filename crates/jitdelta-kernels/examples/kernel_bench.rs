@@ -255,18 +255,26 @@ fn main() -> Res<()> {
     let device = ctx.name()?;
     let defines: Vec<&str> = args.defines.iter().map(String::as_str).collect();
     // No defines: the product's kernels (both GEMV variants, picked by tensor size).
-    let kernels = if defines.is_empty() {
-        Kernels::new(stream.clone())?
-    } else {
-        Kernels::with_defines(stream.clone(), &defines)?
+    let build = || -> Res<Kernels> {
+        Ok(if defines.is_empty() {
+            Kernels::new(stream.clone())?
+        } else {
+            Kernels::with_defines(stream.clone(), &defines)?
+        })
     };
+    let kernels = build()?;
+    // The same kernels launched plainly: what programmatic dependent launch changes.
+    let mut serial = build()?;
+    serial.set_dependent_launch(false)?;
     let blas = Arc::new(CudaBlas::new(stream.clone())?);
     let mut timer = Timer::new(&stream, blas.clone(), args.iters)?;
     println!(
         "device: {device}; kernel defines: {defines:?}; median of {} runs, L2 flushed by a 256 MB read \
          (in brackets: by a 256 MB memset, which leaves L2 dirty; in braces: launches back to back \
-         over copies of the weights, per launch)",
-        args.iters
+         over copies of the weights, per launch, then without programmatic dependent launch; \
+         dependent launch {})",
+        args.iters,
+        if kernels.dependent_launch() { "on" } else { "off" }
     );
     let mut report =
         serde_json::json!({ "device": device, "defines": defines, "iters": args.iters });
@@ -370,14 +378,22 @@ fn main() -> Res<()> {
             let draft_seq_us = timer.time_sequence(copies, |i| {
                 Ok(kernels.gemv(g_copy(i), &draft, &x.as_view(), batch, &mut y.as_view_mut())?)
             })?;
+            let exact_serial_us = timer.time_sequence(copies, |i| {
+                Ok(serial.gemv(g_copy(i), &exact, &x.as_view(), batch, &mut y.as_view_mut())?)
+            })?;
+            let draft_serial_us = timer.time_sequence(copies, |i| {
+                Ok(serial.gemv(g_copy(i), &draft, &x.as_view(), batch, &mut y.as_view_mut())?)
+            })?;
             println!(
-                "{rows:>5}x{cols:<5} b{batch}: cuBLAS {cublas_us:6.1} us [{cublas_dirty_us:6.1}] {{{cublas_seq_us:6.1}}} | exact {exact_us:6.1} us ({:.2}x) [{:.2}x] {{{:.2}x}} | draft {draft_us:6.1} us ({:.2}x) [{:.2}x] {{{:.2}x}}",
+                "{rows:>5}x{cols:<5} b{batch}: cuBLAS {cublas_us:6.1} us [{cublas_dirty_us:6.1}] {{{cublas_seq_us:6.1}}} | exact {exact_us:6.1} us ({:.2}x) [{:.2}x] {{{:.2}x / {:.2}x}} | draft {draft_us:6.1} us ({:.2}x) [{:.2}x] {{{:.2}x / {:.2}x}}",
                 cublas_us / exact_us,
                 cublas_dirty_us / exact_dirty_us,
                 cublas_seq_us / exact_seq_us,
+                cublas_seq_us / exact_serial_us,
                 cublas_us / draft_us,
                 cublas_dirty_us / draft_dirty_us,
                 cublas_seq_us / draft_seq_us,
+                cublas_seq_us / draft_serial_us,
             );
             per_batch.push(serde_json::json!({
                 "batch": batch, "cublas_us": cublas_us, "exact_us": exact_us, "draft_us": draft_us,
@@ -386,6 +402,7 @@ fn main() -> Res<()> {
                     "copies": copies, "cublas_us": cublas_seq_us, "exact_us": exact_seq_us,
                     "draft_us": draft_seq_us, "exact_speedup": cublas_seq_us / exact_seq_us,
                     "draft_speedup": cublas_seq_us / draft_seq_us,
+                    "exact_serial_us": exact_serial_us, "draft_serial_us": draft_serial_us,
                 },
                 "dirty_flush": {
                     "cublas_us": cublas_dirty_us, "exact_us": exact_dirty_us, "draft_us": draft_dirty_us,

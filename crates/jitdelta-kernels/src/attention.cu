@@ -8,7 +8,9 @@
 //
 // Fused elementwise ops that save the launches of candle's separate kernels: residual add +
 // RMSNorm (one block a row, a fixed reduction order: rows independent as above) and SwiGLU's
-// silu(gate) * up.
+// silu(gate) * up. Compiled after pdl.cuh: under a dependent launch each kernel here lets the next
+// one launch at once (a fused GEMV then streams its first weights meanwhile) and waits for its
+// own inputs before it reads or writes anything.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -62,6 +64,8 @@ jd_attention_partial_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
                           u32 total, u32 capacity, u32 d, float scale, float* __restrict__ part) {
     __shared__ float part_m[ATTN_WARPS], part_l[ATTN_WARPS];
     __shared__ float part_acc[ATTN_WARPS][MAX_HEAD_DIM];
+    pdl_launch_dependents();
+    pdl_wait();
     const u32 row = blockIdx.x, head = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 per_lane = d / 32;
@@ -140,6 +144,8 @@ jd_attention_partial_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 jd_attention_merge_bf16(const float* __restrict__ part, u32 rows, u32 heads, u32 total, u32 d,
                         u32 splits, u16* __restrict__ y) {
+    pdl_launch_dependents();
+    pdl_wait();
     const u32 row = blockIdx.x, head = blockIdx.y;
     const u32 n = total - rows + row + 1;
     const u32 used = (n + ATTN_SPLIT - 1) / ATTN_SPLIT;
@@ -169,6 +175,8 @@ jd_add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
                      const u16* __restrict__ w, u32 cols, float eps, u16* __restrict__ sum,
                      u16* __restrict__ out) {
     __shared__ float part[NORM_THREADS / 32];
+    pdl_launch_dependents();
+    pdl_wait();
     const u64 base = (u64)blockIdx.x * cols;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     float held[NORM_HELD];
@@ -217,6 +225,8 @@ jd_add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
 extern "C" __global__ void jd_silu_mul_bf16(const u16* __restrict__ gate,
                                             const u16* __restrict__ up, u32 n,
                                             u16* __restrict__ out) {
+    pdl_launch_dependents();
+    pdl_wait();
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float g = bf16_to_f32(gate[i]);

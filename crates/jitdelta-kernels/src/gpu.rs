@@ -8,15 +8,18 @@ use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
 use jitdelta_format::ResidentTensor;
 use std::sync::Arc;
 
-const SOURCE: &str = include_str!("kernels.cu");
-const ATTENTION_SOURCE: &str = include_str!("attention.cu");
+const SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("kernels.cu"));
+const ATTENTION_SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("attention.cu"));
+/// Set to `0` to launch the fused GEMVs without programmatic dependent launch (a diagnostic
+/// switch for A/B runs; see [`Kernels::set_dependent_launch`]).
+pub const DEPENDENT_LAUNCH_ENV: &str = "JITDELTA_DEPENDENT_LAUNCH";
 const ATTENTION_THREADS: u32 = 4 * 32;
 /// Positions a block of the decode attention takes (`ATTN_SPLIT` in `attention.cu`).
 const ATTENTION_SPLIT: u32 = 64;
@@ -142,6 +145,37 @@ struct GroupMember {
     tiles_end: u32,
 }
 
+/// Kernel parameters for a raw launch (`cuLaunchKernelEx`, which cudarc's builder does not
+/// expose with attributes): each value in its own 8-byte aligned slot, whose address the
+/// driver reads the parameter's bytes from.
+#[derive(Default)]
+struct RawArgs(Vec<Box<[u64]>>);
+
+impl RawArgs {
+    /// The next parameter, by value (integers, device addresses, `#[repr(C)]` structs).
+    fn value<T: Copy>(&mut self, v: T) -> &mut Self {
+        let size = std::mem::size_of::<T>();
+        let mut slot = vec![0u64; size.div_ceil(8)].into_boxed_slice();
+        // SAFETY: the slot holds at least `size` bytes and does not overlap `v`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&v as *const T).cast::<u8>(),
+                slot.as_mut_ptr().cast::<u8>(),
+                size,
+            )
+        };
+        self.0.push(slot);
+        self
+    }
+
+    /// The next parameter, a buffer's device address. The launch runs on `stream`, the
+    /// buffers' own: cudarc's cross-stream event bookkeeping has nothing to order.
+    fn buffer<T>(&mut self, b: &impl DevicePtr<T>, stream: &CudaStream) -> &mut Self {
+        let (ptr, _sync) = b.device_ptr(stream);
+        self.value(ptr)
+    }
+}
+
 /// `GemvGroup` in `kernels.cu`, passed by value.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -149,9 +183,6 @@ struct GroupArgs {
     members: [GroupMember; MAX_GEMV_GROUP],
     count: u32,
 }
-
-// SAFETY: plain old data (integers and device addresses) laid out as the kernel's struct.
-unsafe impl DeviceRepr for GroupArgs {}
 
 /// The compiled kernels, bound to one stream.
 #[derive(Debug)]
@@ -161,6 +192,7 @@ pub struct Kernels {
     patch: CudaFunction,
     gemv: GemvKernel,
     gemv_large: Option<GemvKernel>,
+    dependent_launch: bool,
 }
 
 impl Kernels {
@@ -188,12 +220,55 @@ impl Kernels {
     pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
         let module = compile(&stream, SOURCE, defines)?;
         Ok(Self {
+            dependent_launch: dependent_launch_default(&stream)?,
             gemv: GemvKernel::load(&module, defines)?,
             gemv_large: None,
             decode: module.load_function("jd_decode_bf16")?,
             patch: module.load_function("jd_patch_escapes")?,
             stream,
         })
+    }
+
+    /// Whether fused GEMVs are launched with programmatic dependent launch (on by default on
+    /// compute capability 9.0+ unless [`DEPENDENT_LAUNCH_ENV`] is `0`). A GEMV so launched may
+    /// start while the previous kernel of the stream still runs and ask L2 for the start of its
+    /// weights (`GEMV_L2_PREFETCH` in `kernels.cu`) before it waits for its input: the launch
+    /// latency and the first DRAM round trip overlap the previous kernel. Results are the same
+    /// bits either way.
+    pub fn dependent_launch(&self) -> bool {
+        self.dependent_launch
+    }
+
+    /// Turns programmatic dependent launch of the fused GEMVs on or off (it stays off below
+    /// compute capability 9.0, where the kernels' controls compile to nothing).
+    pub fn set_dependent_launch(&mut self, on: bool) -> Result<()> {
+        self.dependent_launch = on && supports_dependent_launch(&self.stream)?;
+        Ok(())
+    }
+
+    /// Launches a fused GEMV of `blocks` tiles, with programmatic stream serialization when
+    /// [`Kernels::dependent_launch`] is on.
+    ///
+    /// # Safety
+    /// As [`launch`].
+    unsafe fn launch_gemv(
+        &self,
+        kernel: &GemvLaunch,
+        blocks: u32,
+        args: &mut RawArgs,
+    ) -> Result<()> {
+        let mut config = grid((blocks, 1), kernel.threads);
+        config.shared_mem_bytes = kernel.smem;
+        // SAFETY: the caller's contract.
+        unsafe {
+            launch(
+                &self.stream,
+                &kernel.function,
+                config,
+                args,
+                self.dependent_launch,
+            )
+        }
     }
 
     /// The stream every kernel runs on.
@@ -280,12 +355,12 @@ impl Kernels {
         let blocks = units.div_ceil(DECODE_THREADS as usize);
         let (grid_x, grid_y) = (blocks.min(65_535), blocks.div_ceil(65_535));
         let (mode, routed) = sel.mode(t);
-        let mut launch = self.stream.launch_builder(&self.decode);
-        t.push_common(&mut launch, &mode, routed);
-        launch.arg(&mut *out);
+        let mut args = t.common_args(mode, routed, &self.stream);
+        args.value(out.device_ptr_mut(&self.stream).0);
+        let config = grid((grid_x as u32, grid_y as u32), DECODE_THREADS);
         // SAFETY: the argument list matches `jd_decode_bf16`; every buffer was sized above
         // or at upload, and the kernel reads only within the chunk segments it is given.
-        unsafe { launch.launch(grid((grid_x as u32, grid_y as u32), DECODE_THREADS)) }?;
+        unsafe { launch(&self.stream, &self.decode, config, &mut args, false) }?;
         if t.escapes == 0 {
             return Ok(());
         }
@@ -326,24 +401,18 @@ impl Kernels {
             return Ok(());
         }
         let (mode, routed) = sel.mode(t);
-        let batch = batch as u32;
         let kernel = self.variant(t).single(sel);
-        let mut launch = self.stream.launch_builder(&kernel.function);
-        t.push_common(&mut launch, &mode, routed);
-        launch
-            .arg(&t.esc_row_start)
-            .arg(&t.esc_pos)
-            .arg(&t.esc_corr)
-            .arg(x)
-            .arg(&batch)
-            .arg(y);
-        let blocks = t.tiles();
+        let s = &self.stream;
+        let mut args = t.common_args(mode, routed, s);
+        args.buffer(&t.esc_row_start, s)
+            .buffer(&t.esc_pos, s)
+            .buffer(&t.esc_corr, s)
+            .buffer(x, s)
+            .value(batch as u32)
+            .value(y.device_ptr_mut(s).0);
         // SAFETY: the argument list matches `jd_gemv_bf16`; sizes were checked above, rows are
         // 16-byte aligned because cols % 32 == 0, and the kernel masks rows past the end.
-        let mut config = grid((blocks, 1), kernel.threads);
-        config.shared_mem_bytes = kernel.smem;
-        unsafe { launch.launch(config) }?;
-        Ok(())
+        unsafe { self.launch_gemv(kernel, t.tiles(), &mut args) }
     }
 
     /// [`Kernels::gemv`] of up to [`MAX_GEMV_GROUP`] tensors of the same input `x` (e.g. a
@@ -401,22 +470,17 @@ impl Kernels {
         if tiles == 0 {
             return Ok(());
         }
-        let batch = batch as u32;
-        let mut launch = self.stream.launch_builder(&kernel.function);
-        launch
-            .arg(&args)
-            .arg(&first.cols)
-            .arg(&first.chunk_rows)
-            .arg(x)
-            .arg(&batch);
+        let mut raw = RawArgs::default();
+        raw.value(args)
+            .value(first.cols)
+            .value(first.chunk_rows)
+            .buffer(x, &self.stream)
+            .value(batch as u32);
         // SAFETY: the arguments match `jd_gemv_group_bf16_*`; every member's buffers were
         // checked as for `gemv`, its output lies inside `y` (checked above), and all outlive
         // the launch. The raw addresses skip cudarc's event bookkeeping, which only matters
         // across streams: these buffers are used on this stream alone.
-        let mut config = grid((tiles, 1), kernel.threads);
-        config.shared_mem_bytes = kernel.smem;
-        unsafe { launch.launch(config) }?;
-        Ok(())
+        unsafe { self.launch_gemv(kernel, tiles, &mut raw) }
     }
 
     /// Whether [`Kernels::gemv_group`] takes these tensors and selection.
@@ -511,6 +575,7 @@ fn compile(
 #[derive(Debug)]
 pub struct DecoderKernels {
     stream: Arc<CudaStream>,
+    dependent_launch: bool,
     attention_partial: CudaFunction,
     attention_merge: CudaFunction,
     add_rms_norm: CudaFunction,
@@ -526,8 +591,31 @@ impl DecoderKernels {
             attention_merge: module.load_function("jd_attention_merge_bf16")?,
             add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
             silu_mul: module.load_function("jd_silu_mul_bf16")?,
+            dependent_launch: dependent_launch_default(&stream)?,
             stream,
         })
+    }
+
+    /// As [`Kernels::set_dependent_launch`]: these kernels start under a dependent launch and
+    /// wait for their inputs first thing, which hides their launch latency behind the previous
+    /// kernel, and they let the next (a fused GEMV) launch at once.
+    pub fn set_dependent_launch(&mut self, on: bool) -> Result<()> {
+        self.dependent_launch = on && supports_dependent_launch(&self.stream)?;
+        Ok(())
+    }
+
+    /// Launches one of these kernels (see [`launch`]).
+    ///
+    /// # Safety
+    /// As [`launch`].
+    unsafe fn launch(
+        &self,
+        f: &CudaFunction,
+        config: LaunchConfig,
+        args: &mut RawArgs,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { launch(&self.stream, f, config, args, self.dependent_launch) }
     }
 
     /// The stream the kernels run on.
@@ -572,36 +660,36 @@ impl DecoderKernels {
             self.stream
                 .alloc::<f32>(shape.rows * shape.heads * splits as usize * (shape.head_dim + 2))
         }?;
-        let mut launch = self.stream.launch_builder(&self.attention_partial);
-        launch
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(&rows)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&total)
-            .arg(&capacity)
-            .arg(&d)
-            .arg(&scale)
-            .arg(&mut part);
+        let st = &self.stream;
+        let mut args = RawArgs::default();
+        args.buffer(q, st)
+            .buffer(k, st)
+            .buffer(v, st)
+            .value(rows)
+            .value(heads)
+            .value(kv_heads)
+            .value(total)
+            .value(capacity)
+            .value(d)
+            .value(scale)
+            .value(part.device_ptr_mut(st).0);
         let mut config = grid((rows, heads), ATTENTION_THREADS);
         config.grid_dim.2 = splits;
         // SAFETY: the argument list matches `jd_attention_partial_bf16`; every buffer holds the
         // elements its shape needs (checked above, `part` sized here) and the kernel indexes
         // only within them.
-        unsafe { launch.launch(config) }?;
-        let mut launch = self.stream.launch_builder(&self.attention_merge);
-        launch
-            .arg(&part)
-            .arg(&rows)
-            .arg(&heads)
-            .arg(&total)
-            .arg(&d)
-            .arg(&splits)
-            .arg(y);
+        unsafe { self.launch(&self.attention_partial, config, &mut args) }?;
+        let mut args = RawArgs::default();
+        args.buffer(&part, st)
+            .value(rows)
+            .value(heads)
+            .value(total)
+            .value(d)
+            .value(splits)
+            .value(y.device_ptr_mut(st).0);
+        let config = grid((rows, heads), ATTENTION_THREADS);
         // SAFETY: matches `jd_attention_merge_bf16`; `part` as written above, `y` checked.
-        unsafe { launch.launch(grid((rows, heads), ATTENTION_THREADS)) }?;
+        unsafe { self.launch(&self.attention_merge, config, &mut args) }?;
         Ok(())
     }
 
@@ -626,18 +714,18 @@ impl DecoderKernels {
         if rows == 0 {
             return Ok(());
         }
-        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
-        launch
-            .arg(x)
-            .arg(y)
-            .arg(w)
-            .arg(&cols)
-            .arg(&eps)
-            .arg(sum_out)
-            .arg(norm_out);
+        let st = &self.stream;
+        let mut args = RawArgs::default();
+        args.buffer(x, st)
+            .buffer(y, st)
+            .buffer(w, st)
+            .value(cols)
+            .value(eps)
+            .value(sum_out.device_ptr_mut(st).0)
+            .value(norm_out.device_ptr_mut(st).0);
         // SAFETY: the arguments match `jd_add_rms_norm_bf16`; x, y and both outputs hold
         // `rows * cols` elements and w `cols` (checked above); block `r` touches row `r` only.
-        unsafe { launch.launch(grid((rows, 1), NORM_THREADS)) }?;
+        unsafe { self.launch(&self.add_rms_norm, grid((rows, 1), NORM_THREADS), &mut args) }?;
         Ok(())
     }
 
@@ -654,18 +742,79 @@ impl DecoderKernels {
         if n == 0 {
             return Ok(());
         }
-        let mut launch = self.stream.launch_builder(&self.silu_mul);
-        launch.arg(gate).arg(up).arg(&n).arg(out);
+        let st = &self.stream;
+        let mut args = RawArgs::default();
+        args.buffer(gate, st)
+            .buffer(up, st)
+            .value(n)
+            .value(out.device_ptr_mut(st).0);
+        let config = grid((n.div_ceil(ELEMENTWISE_THREADS), 1), ELEMENTWISE_THREADS);
         // SAFETY: matches `jd_silu_mul_bf16`; all three buffers hold `n` elements (checked
         // above) and threads past `n` return.
-        unsafe {
-            launch.launch(grid(
-                (n.div_ceil(ELEMENTWISE_THREADS), 1),
-                ELEMENTWISE_THREADS,
-            ))
-        }?;
+        unsafe { self.launch(&self.silu_mul, config, &mut args) }?;
         Ok(())
     }
+}
+
+/// Launches `function` with `args` in its parameter order, with programmatic stream
+/// serialization if `dependent` (the kernel must then wait as `pdl.cuh` says).
+///
+/// # Safety
+/// `args` must match the kernel's parameters, and every buffer it addresses must hold what
+/// the kernel reads and writes under `config`.
+unsafe fn launch(
+    stream: &CudaStream,
+    function: &CudaFunction,
+    config: LaunchConfig,
+    args: &mut RawArgs,
+    dependent: bool,
+) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut params: Vec<*mut std::ffi::c_void> = args
+        .0
+        .iter_mut()
+        .map(|slot| slot.as_mut_ptr().cast())
+        .collect();
+    // SAFETY: a zeroed attribute is a valid plain-old-data value; id and value set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let (grid_dim, block_dim) = (config.grid_dim, config.block_dim);
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid_dim.0,
+        gridDimY: grid_dim.1,
+        gridDimZ: grid_dim.2,
+        blockDimX: block_dim.0,
+        blockDimY: block_dim.1,
+        blockDimZ: block_dim.2,
+        sharedMemBytes: config.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: dependent as u32,
+    };
+    stream.context().bind_to_thread()?;
+    // SAFETY: the caller's contract; `params` and `attr` outlive the call, which copies them.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            function.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()?;
+    Ok(())
+}
+
+/// Programmatic dependent launch needs compute capability 9.0.
+fn supports_dependent_launch(stream: &CudaStream) -> Result<bool> {
+    Ok(stream.context().compute_capability()?.0 >= 9)
+}
+
+/// On where supported, unless [`DEPENDENT_LAUNCH_ENV`] is `0`.
+fn dependent_launch_default(stream: &CudaStream) -> Result<bool> {
+    Ok(supports_dependent_launch(stream)?
+        && std::env::var(DEPENDENT_LAUNCH_ENV).map_or(true, |v| v != "0"))
 }
 
 /// Checks an output of `len` elements matches inputs of `want`.
@@ -742,23 +891,19 @@ impl GpuResident {
 
     /// The arguments every kernel over a whole tensor starts with: planes, bases, routing
     /// flags, mode, rows, cols, chunk rows, segment stride.
-    fn push_common<'a>(
-        &'a self,
-        launch: &mut cudarc::driver::LaunchArgs<'a>,
-        mode: &'a i32,
-        routed: &'a CudaSlice<u8>,
-    ) {
-        launch
-            .arg(&self.p)
-            .arg(&self.s)
-            .arg(&self.l)
-            .arg(&self.bases)
-            .arg(routed)
-            .arg(mode)
-            .arg(&self.rows)
-            .arg(&self.cols)
-            .arg(&self.chunk_rows)
-            .arg(&self.segment);
+    fn common_args(&self, mode: i32, routed: &CudaSlice<u8>, stream: &CudaStream) -> RawArgs {
+        let mut args = RawArgs::default();
+        args.buffer(&self.p, stream)
+            .buffer(&self.s, stream)
+            .buffer(&self.l, stream)
+            .buffer(&self.bases, stream)
+            .buffer(routed, stream)
+            .value(mode)
+            .value(self.rows)
+            .value(self.cols)
+            .value(self.chunk_rows)
+            .value(self.segment);
+        args
     }
 
     /// Device bytes this tensor holds (planes, bases, escape lists and indexes).

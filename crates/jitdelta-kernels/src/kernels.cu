@@ -4,7 +4,7 @@
 // Weights are built *scaled*, with exponent 112 + code; a GEMV rescales each row's sum by
 // 2^(base - 112), a decode adds (base - 112) << 7 back. Escapes (exponent outside the window,
 // and 0 / 255 inside it) hold code 0 and are corrected from a per-chunk CSR list.
-// Compiled at run time with NVRTC.
+// Compiled at run time with NVRTC, after pdl.cuh.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -176,10 +176,17 @@ __device__ __forceinline__ void load_x(uint4* x, const u16* __restrict__ xrow, b
         x[q] = present ? __ldg(reinterpret_cast<const uint4*>(xrow + c) + q) : make_uint4(0, 0, 0, 0);
 }
 
-__device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8* __restrict__ S,
-                                              const u8* __restrict__ L, u64 row_a, u64 row_b,
-                                              bool va, bool vb, bool ea, bool eb,
-                                              const u16* __restrict__ xrow, bool has_x, u32 cols, u32 col) {
+// The activations of a step whose planes are loaded (see load_step).
+__device__ __forceinline__ void load_step_x(StepData& d, const u16* __restrict__ xrow, bool has_x, u32 cols,
+                                            u32 col) {
+#pragma unroll
+    for (int j = 0; j < LANE_VECS; ++j) load_x(d.x + 4 * j, xrow, col + 32 * j < cols && has_x, col + 32 * j);
+}
+
+// The planes of a step (weights only: safe before pdl_wait()).
+__device__ __forceinline__ StepData load_planes(const u8* __restrict__ P, const u8* __restrict__ S,
+                                                const u8* __restrict__ L, u64 row_a, u64 row_b,
+                                                bool va, bool vb, bool ea, bool eb, u32 cols, u32 col) {
     const uint4 z = make_uint4(0, 0, 0, 0);
     StepData d;
 #pragma unroll
@@ -197,8 +204,16 @@ __device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8
         d.pb[j] = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(P + ob)) : z;
         d.sb[j] = (in && vb) ? __ldg(reinterpret_cast<const uint4*>(S + ob)) : z;
         d.lb[j] = (in && eb) ? __ldg(reinterpret_cast<const uint4*>(L + ob)) : z;
-        load_x(d.x + 4 * j, xrow, in && has_x, c);
     }
+    return d;
+}
+
+__device__ __forceinline__ StepData load_step(const u8* __restrict__ P, const u8* __restrict__ S,
+                                              const u8* __restrict__ L, u64 row_a, u64 row_b,
+                                              bool va, bool vb, bool ea, bool eb,
+                                              const u16* __restrict__ xrow, bool has_x, u32 cols, u32 col) {
+    StepData d = load_planes(P, S, L, row_a, row_b, va, vb, ea, eb, cols, col);
+    load_step_x(d, xrow, has_x, cols, col);
     return d;
 }
 
@@ -382,11 +397,17 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
     __shared__ float corr[TILE_ROWS][MAX_BATCH];
     __shared__ int rescale[TILE_ROWS];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    // Under a dependent launch (pdl.cuh), only weights are read before pdl_wait(): x and y
+    // belong to earlier kernels, and so, to be safe, do the routing flags (copied in just
+    // before the launch).
+    pdl_launch_dependents();
+    if (mode == MODE_ROUTED) pdl_wait();
     if (warp == GEMV_WARPS) {
         // The rows' exponent shifts, fetched while the planes stream rather than after the
         // block's final barrier (a dependent DRAM round trip at the tail of every block).
         if (lane < TILE_ROWS)
             rescale[lane] = r0 + lane < rows ? (int)bases[(r0 + lane) / chunk_rows] - SCALED_EXPONENT : 0;
+        pdl_wait();
         escape_corrections(esc_row_start, esc_pos, esc_corr, routed, mode, rows, cols, chunk_rows,
                            r0, x, batch, lane, corr);
     } else {
@@ -414,6 +435,8 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
             if (i < n) issue_step(mine + i * STAGE_CHUNKS, lane, copy, P, S, L, cols, warp + i * GEMV_WARPS);
             asm volatile("cp.async.commit_group;\n");
         }
+        // The ring's first steps stream while the previous kernel finishes.
+        pdl_wait();
         for (u32 i = 0; i < n; ++i) {
             const u32 ahead = i + GEMV_STAGES - 1;
             if (ahead < n)
@@ -430,6 +453,7 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
             __syncwarp();
         }
 #elif PREFETCH
+        pdl_wait();
         // Software pipeline: the next step's loads go out while this one decodes.
         StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * STEP_COLS + tig * 64);
         for (u32 s = warp; s < steps; s += GEMV_WARPS) {
@@ -439,7 +463,19 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
             cur = nxt;
         }
 #else
-        for (u32 s = warp; s < steps; s += GEMV_WARPS)
+        // The first step's planes go out before the wait: they stream while the previous
+        // kernel finishes.
+        u32 s = warp;
+        if (s < steps) {
+            StepData d = load_planes(P, S, L, row_a, row_b, va, vb, ea, eb, cols, s * STEP_COLS + tig * 64);
+            pdl_wait();
+            load_step_x(d, xrow, has_x, cols, s * STEP_COLS + tig * 64);
+            step_mma(d, ea, eb, acc);
+            s += GEMV_WARPS;
+        } else {
+            pdl_wait();
+        }
+        for (; s < steps; s += GEMV_WARPS)
             step_mma(load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, s * STEP_COLS + tig * 64), ea, eb, acc);
 #endif
         partial[warp][g][2 * tig] = acc[0];

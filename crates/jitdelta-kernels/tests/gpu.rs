@@ -842,3 +842,80 @@ fn fused_ops_reject_bad_lengths() {
         Err(Error::Shape(_))
     ));
 }
+
+/// A decode step's chain on one stream: add + RMSNorm, then a GEMV of its output, whose output
+/// the next norm adds, and so on, with grouped and single launches and both size classes. With
+/// programmatic dependent launch each kernel starts before the one that feeds it has finished,
+/// so a kernel reading its input (or writing its output) before waiting would show here as bits
+/// that differ from the same chain launched plainly. Every intermediate buffer starts poisoned.
+#[test]
+fn dependent_launch_chains_equal_plain_launches() {
+    let st = CudaContext::new(0).expect("a CUDA device").default_stream();
+    let mut norms = DecoderKernels::new(st.clone()).unwrap();
+    let mut k = Kernels::new(st.clone()).unwrap();
+    // The default variant, then the large one (25_600 x 4096 is 105M weights).
+    for (rows, seed) in [(4096usize, 1u64), (25_600, 2)] {
+        let cols = 4096;
+        let tensors: Vec<GpuResident> = (0..2)
+            .map(|i| {
+                let w = weight_like(rows, cols, seed * 10 + i);
+                k.upload(&resident(&w, rows, cols, 64)).unwrap()
+            })
+            .collect();
+        let x0 = scaled_bf16(cols, seed, 1.0);
+        let gain = bf16s(cols, 1.0);
+        let mut outputs = Vec::new();
+        for on in [true, false] {
+            k.set_dependent_launch(on).unwrap();
+            norms.set_dependent_launch(on).unwrap();
+            for sel in [GpuSelection::Exact, GpuSelection::Draft] {
+                let dw = st.clone_htod(&gain).unwrap();
+                let mut x = st.clone_htod(&x0).unwrap();
+                let mut h = poisoned(&st, cols);
+                let mut y = st.clone_htod(&vec![bf16::ZERO; rows]).unwrap();
+                let mut both = poisoned(&st, 2 * rows);
+                for step in 0..6 {
+                    let mut sum = poisoned(&st, cols);
+                    // The residual stream takes the first `cols` outputs of the last GEMV.
+                    let add = y.slice(..cols);
+                    norms
+                        .add_rms_norm(
+                            &x.as_view(),
+                            &add,
+                            &dw.as_view(),
+                            1e-6,
+                            cols,
+                            &mut sum.as_view_mut(),
+                            &mut h.as_view_mut(),
+                        )
+                        .unwrap();
+                    x = sum;
+                    if step % 2 == 0 {
+                        k.gemv(
+                            &tensors[step % 4 / 2],
+                            &sel,
+                            &h.as_view(),
+                            1,
+                            &mut y.as_view_mut(),
+                        )
+                        .unwrap();
+                    } else {
+                        let pair = [&tensors[0], &tensors[1]];
+                        k.gemv_group(&pair, &sel, &h.as_view(), 1, &mut both.as_view_mut())
+                            .unwrap();
+                        st.memcpy_dtod(&both.slice(rows..), &mut y).unwrap();
+                    }
+                }
+                outputs.push((on, format!("{sel:?}"), st.clone_dtoh(&y).unwrap()));
+            }
+        }
+        let (with, without) = outputs.split_at(2);
+        for ((_, sel, a), (_, _, b)) in with.iter().zip(without) {
+            assert!(
+                a.iter().all(|v| v.to_bits() != 0xFFFF),
+                "{rows}x{cols} {sel}: poison left in the output"
+            );
+            assert_same_bits(a, b, &format!("{rows}x{cols} {sel} with dependent launch"));
+        }
+    }
+}
