@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Stor
 use half::bf16;
 use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels, MAX_GEMV_BATCH, MAX_GEMV_GROUP};
 use jitdelta_kernels::reference::ChunkSelection;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A layer's weights in GPU memory and the kernels bound to its device's stream.
 pub(crate) struct GpuStore {
@@ -18,6 +18,10 @@ pub(crate) struct GpuStore {
     pub(crate) chunk_rows: usize,
     /// Bytes of the low-mantissa plane (what a draft does not read).
     pub(crate) low_plane_bytes: usize,
+    /// The routing flags last put on the device, by route stamp: they are copied once per
+    /// `set_route`, not once per call (a host-to-device copy from pageable memory holds the
+    /// host until it is done).
+    pub(crate) routed: Mutex<Option<(u64, Arc<GpuSelection>)>>,
 }
 
 fn wrap(e: jitdelta_kernels::Error) -> candle_core::Error {
@@ -25,17 +29,33 @@ fn wrap(e: jitdelta_kernels::Error) -> candle_core::Error {
 }
 
 impl GpuStore {
-    fn selection(&self, plan: &Plan) -> candle_core::Result<GpuSelection> {
-        let sel = match plan {
-            Plan::Exact => ChunkSelection::Exact,
-            Plan::Draft => ChunkSelection::Draft,
-            Plan::Routed(..) => ChunkSelection::Routed(
-                (0..self.tensor.chunk_count())
-                    .map(|c| plan.exact(c))
-                    .collect(),
-            ),
+    /// The kernels' selection for `plan`. A routed plan without a route is the draft (the
+    /// routed kernel's draft rows equal the draft kernel's bit for bit).
+    fn selection(&self, plan: &Plan) -> candle_core::Result<Arc<GpuSelection>> {
+        let stamp = match plan {
+            Plan::Exact => return Ok(Arc::new(GpuSelection::Exact)),
+            Plan::Draft | Plan::Routed(None, _) => return Ok(Arc::new(GpuSelection::Draft)),
+            Plan::Routed(Some(_), stamp) => *stamp,
         };
-        self.kernels.selection(&self.tensor, &sel).map_err(wrap)
+        let mut cached = self
+            .routed
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a routed GEMV panicked".into()))?;
+        if let Some((at, sel)) = cached.as_ref() {
+            if *at == stamp {
+                return Ok(sel.clone());
+            }
+        }
+        let flags = (0..self.tensor.chunk_count())
+            .map(|c| plan.exact(c))
+            .collect();
+        let sel = Arc::new(
+            self.kernels
+                .selection(&self.tensor, &ChunkSelection::Routed(flags))
+                .map_err(wrap)?,
+        );
+        *cached = Some((stamp, sel.clone()));
+        Ok(sel)
     }
 
     /// The layer's weights for `plan` as a new `(rows, cols)` BF16 tensor on the GPU.

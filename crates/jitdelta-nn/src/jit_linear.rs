@@ -199,7 +199,9 @@ impl JitLinear {
             return Ok(None);
         };
         let plan = first.mode.plan(&first.name);
-        if !x.dtype().is_float()
+        // Routed layers run one by one (their flags are per tensor).
+        if matches!(plan, crate::mode::Plan::Routed(..))
+            || !x.dtype().is_float()
             || layers
                 .iter()
                 .any(|l| l.mode.plan(&l.name).key() != plan.key())

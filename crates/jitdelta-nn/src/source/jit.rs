@@ -192,6 +192,7 @@ impl JitSource {
                 low_plane_bytes: layout.l.len(),
                 chunk_rows: r.chunk_rows(),
                 kernels,
+                routed: Default::default(),
             })));
         }
         Ok(WeightStore::Resident(r))
