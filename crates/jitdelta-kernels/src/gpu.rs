@@ -146,25 +146,31 @@ struct GroupMember {
 }
 
 /// Kernel parameters for a raw launch (`cuLaunchKernelEx`, which cudarc's builder does not
-/// expose with attributes): each value in its own 8-byte aligned slot, whose address the
-/// driver reads the parameter's bytes from.
+/// expose with attributes): the values packed in one 8-byte aligned buffer, each parameter at
+/// an offset the driver reads its bytes from. One allocation a launch: a decode step makes a
+/// few hundred.
 #[derive(Default)]
-struct RawArgs(Vec<Box<[u64]>>);
+struct RawArgs {
+    words: Vec<u64>,
+    /// Word offset of each parameter in `words`.
+    starts: Vec<usize>,
+}
 
 impl RawArgs {
     /// The next parameter, by value (integers, device addresses, `#[repr(C)]` structs).
     fn value<T: Copy>(&mut self, v: T) -> &mut Self {
         let size = std::mem::size_of::<T>();
-        let mut slot = vec![0u64; size.div_ceil(8)].into_boxed_slice();
-        // SAFETY: the slot holds at least `size` bytes and does not overlap `v`.
+        let at = self.words.len();
+        self.words.resize(at + size.div_ceil(8), 0);
+        // SAFETY: the words from `at` hold at least `size` bytes and do not overlap `v`.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 (&v as *const T).cast::<u8>(),
-                slot.as_mut_ptr().cast::<u8>(),
+                self.words[at..].as_mut_ptr().cast::<u8>(),
                 size,
             )
         };
-        self.0.push(slot);
+        self.starts.push(at);
         self
     }
 
@@ -173,6 +179,16 @@ impl RawArgs {
     fn buffer<T>(&mut self, b: &impl DevicePtr<T>, stream: &CudaStream) -> &mut Self {
         let (ptr, _sync) = b.device_ptr(stream);
         self.value(ptr)
+    }
+
+    /// The parameter addresses `cuLaunchKernelEx` takes (valid while `self` is not changed).
+    fn pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
+        let base = self.words.as_mut_ptr();
+        // SAFETY: every start is inside `words`.
+        self.starts
+            .iter()
+            .map(|&at| unsafe { base.add(at) }.cast())
+            .collect()
     }
 }
 
@@ -770,11 +786,7 @@ unsafe fn launch(
     dependent: bool,
 ) -> Result<()> {
     use cudarc::driver::sys;
-    let mut params: Vec<*mut std::ffi::c_void> = args
-        .0
-        .iter_mut()
-        .map(|slot| slot.as_mut_ptr().cast())
-        .collect();
+    let mut params = args.pointers();
     // SAFETY: a zeroed attribute is a valid plain-old-data value; id and value set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
