@@ -41,13 +41,19 @@ pub const LARGE_GEMV_WEIGHTS: usize = 100 << 20;
 /// SM (docs/benchmarks.md: 1.31x and 1.27x cuBLAS at batch 1 on the 70B MLP shapes against
 /// 1.23x and 1.22x).
 const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"];
-/// And for the draft, which reads two planes of three: registers, 4 warps, 4 blocks per SM
-/// (3-10% faster than the ring on the 70B shapes, docs/benchmarks.md). The same 4 warps split
-/// the columns the same way, so routed draft rows equal the draft kernel's bit for bit.
-const LARGE_DRAFT_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=4"];
+/// Registers, 4 warps, 4 blocks per SM: the draft of large tensors (3-10% faster than the ring
+/// on the 70B shapes), and every mode of tall tensors below [`LARGE_GEMV_WEIGHTS`] (draft
+/// 1.62x -> 1.77x cuBLAS at 14336x4096, exact 1.17x -> 1.21x; docs/benchmarks.md). The same 4
+/// warps split the columns the same way in all these kernels, so routed rows equal the exact or
+/// draft kernel's bit for bit.
+const FOUR_WARP_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=4"];
+/// Tensors below [`LARGE_GEMV_WEIGHTS`] with at least this many 16-row tiles (8192 rows) use
+/// [`FOUR_WARP_DEFINES`]: their blocks fill its 4 blocks per SM, while 256 tiles (4096 rows)
+/// fill the default's 2 blocks per SM and leave half of the 4-block slots empty.
+pub const TALL_GEMV_TILES: u32 = 512;
 
 /// One fused-GEMV kernel and its launch shape.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct GemvLaunch {
     function: CudaFunction,
     threads: u32,
@@ -84,7 +90,7 @@ impl GemvLaunch {
 /// The fused GEMV for one class of tensor sizes: a kernel for routed selections (mode read at
 /// run time), one specialised per whole-tensor mode, and the grouped (several tensors of one
 /// input) kernels of those modes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct GemvKernel {
     routed: GemvLaunch,
     exact: GemvLaunch,
@@ -207,26 +213,30 @@ pub struct Kernels {
     decode: CudaFunction,
     patch: CudaFunction,
     gemv: GemvKernel,
+    /// The size classes of [`Kernels::new`]: tall, then large tensors.
+    gemv_tall: Option<GemvKernel>,
     gemv_large: Option<GemvKernel>,
     dependent_launch: bool,
 }
 
 impl Kernels {
     /// Compiles the kernels for the stream's device (compute capability 8.0 or newer), with
-    /// two sets of fused-GEMV variants: the default, and for tensors of [`LARGE_GEMV_WEIGHTS`]
-    /// or more one that streams the planes through shared memory (exact and routed) and one
-    /// with more, smaller blocks (draft). The choice depends on the tensor and the selection
-    /// alone, never on the batch, so every batch size sums a row the same way.
+    /// three size classes of fused-GEMV variants: the default (8 warps, 2 blocks per SM); tall
+    /// tensors ([`TALL_GEMV_TILES`] tiles or more: 4 warps, 4 blocks per SM); and tensors of
+    /// [`LARGE_GEMV_WEIGHTS`] or more, whose exact and routed kernels stream the planes through
+    /// shared memory and whose draft is the tall class's. The choice depends on the tensor and
+    /// the selection alone, never on the batch, so every batch size sums a row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let mut kernels = Self::with_defines(stream, &[])?;
-        let large = compile(&kernels.stream, SOURCE, LARGE_GEMV_DEFINES)?;
-        let draft = compile(&kernels.stream, SOURCE, LARGE_DRAFT_DEFINES)?;
-        let draft = GemvKernel::load(&draft, LARGE_DRAFT_DEFINES)?;
+        let ring = compile(&kernels.stream, SOURCE, LARGE_GEMV_DEFINES)?;
+        let four_warps = compile(&kernels.stream, SOURCE, FOUR_WARP_DEFINES)?;
+        let tall = GemvKernel::load(&four_warps, FOUR_WARP_DEFINES)?;
         kernels.gemv_large = Some(GemvKernel {
-            draft: draft.draft,
-            group_draft: draft.group_draft,
-            ..GemvKernel::load(&large, LARGE_GEMV_DEFINES)?
+            draft: tall.draft.clone(),
+            group_draft: tall.group_draft.clone(),
+            ..GemvKernel::load(&ring, LARGE_GEMV_DEFINES)?
         });
+        kernels.gemv_tall = Some(tall);
         Ok(kernels)
     }
 
@@ -238,6 +248,7 @@ impl Kernels {
         Ok(Self {
             dependent_launch: dependent_launch_default(&stream)?,
             gemv: GemvKernel::load(&module, defines)?,
+            gemv_tall: None,
             gemv_large: None,
             decode: module.load_function("jd_decode_bf16")?,
             patch: module.load_function("jd_patch_escapes")?,
@@ -247,9 +258,9 @@ impl Kernels {
 
     /// Whether fused GEMVs are launched with programmatic dependent launch (on by default on
     /// compute capability 9.0+ unless [`DEPENDENT_LAUNCH_ENV`] is `0`). A GEMV so launched may
-    /// start while the previous kernel of the stream still runs and ask L2 for the start of its
-    /// weights (`GEMV_L2_PREFETCH` in `kernels.cu`) before it waits for its input: the launch
-    /// latency and the first DRAM round trip overlap the previous kernel. Results are the same
+    /// start while the previous kernel of the stream still runs and load its first planes
+    /// before it waits for its input: the launch latency and the first DRAM round trip overlap
+    /// the previous kernel. Results are the same
     /// bits either way.
     pub fn dependent_launch(&self) -> bool {
         self.dependent_launch
@@ -529,10 +540,11 @@ impl Kernels {
         }
     }
 
-    /// The GEMV variant for `t`: by size, never by batch.
+    /// The GEMV variant for `t`: by its shape, never by batch.
     fn variant(&self, t: &GpuResident) -> &GemvKernel {
-        match &self.gemv_large {
-            Some(large) if t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS => large,
+        match (&self.gemv_large, &self.gemv_tall) {
+            (Some(large), _) if t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS => large,
+            (_, Some(tall)) if t.tiles() >= TALL_GEMV_TILES => tall,
             _ => &self.gemv,
         }
     }

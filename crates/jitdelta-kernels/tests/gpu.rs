@@ -469,13 +469,13 @@ fn gemv_on_gpu(
 }
 
 /// Speculative verify passes rely on it: a row of a batch comes out bit for bit as when it is
-/// multiplied alone, for the default GEMV and for the variant of large tensors. Routing relies
+/// multiplied alone, for the default GEMV and the variants of tall and of large tensors. Routing relies
 /// on the second half: the routed kernel gives an exact chunk's rows bit for bit as the
 /// exact-only kernel, and a draft chunk's as the draft-only kernel.
 #[test]
 fn gemv_rows_are_batch_and_mode_invariant() {
     let k = kernels();
-    for &(rows, cols) in &[(200, 576), (12_800, 8_192)] {
+    for &(rows, cols) in &[(200, 576), (8_192, 576), (12_800, 8_192)] {
         let w = weight_like(rows, cols, rows as u64);
         let t = resident(&w, rows, cols, 64);
         let g = k.upload(&t).unwrap();
@@ -548,6 +548,7 @@ fn grouped_gemv_equals_single_launches() {
     let mut rng = StdRng::seed_from_u64(9);
     for (shapes, cols, batches) in [
         (&[200usize, 64, 130][..], 576usize, &[1usize, 3, 8][..]),
+        (&[8_192, 8_192][..], 576, &[1, 8][..]),
         (&[12_800, 12_800][..], 8_192, &[1][..]),
     ] {
         let gs: Vec<GpuResident> = shapes
@@ -582,8 +583,13 @@ fn grouped_gemv_equals_single_launches() {
         k.upload(&resident(&w, rows, cols, 64)).unwrap()
     };
     let (a, b) = (upload(64, 576), upload(64, 608));
-    // The same columns in two size classes (12800 x 8192 takes the large-tensor variant).
-    let (small, big) = (upload(64, 8_192), upload(12_800, 8_192));
+    // The same columns in three size classes (8192 x 8192 takes the tall-tensor variant,
+    // 12800 x 8192 the large-tensor one).
+    let (small, tall, big) = (
+        upload(64, 8_192),
+        upload(8_192, 8_192),
+        upload(12_800, 8_192),
+    );
     let refused = |gs: &[&GpuResident], sel: &GpuSelection, y_len: usize| {
         let cols = gs[0].dims().1;
         let x = k.stream().clone_htod(&vec![bf16::ONE; cols]).unwrap();
@@ -598,7 +604,17 @@ fn grouped_gemv_equals_single_launches() {
     assert!(refused(&[&a, &b], &GpuSelection::Exact, 128));
     assert!(refused(&[&a], &GpuSelection::Exact, 65));
     assert!(refused(&[&a, &a, &a, &a], &GpuSelection::Exact, 256));
-    assert!(refused(&[&small, &big], &GpuSelection::Draft, 12_864));
+    // Kernels built with tuning defines have one variant for every size.
+    let size_classes =
+        std::env::var("JITDELTA_KERNEL_DEFINES").map_or(true, |d| d.trim().is_empty());
+    assert_eq!(
+        refused(&[&small, &big], &GpuSelection::Draft, 12_864),
+        size_classes
+    );
+    assert_eq!(
+        refused(&[&small, &tall], &GpuSelection::Exact, 8_256),
+        size_classes
+    );
     assert!(!refused(&[&small, &small], &GpuSelection::Draft, 128));
 }
 
@@ -853,8 +869,9 @@ fn dependent_launch_chains_equal_plain_launches() {
     let st = CudaContext::new(0).expect("a CUDA device").default_stream();
     let mut norms = DecoderKernels::new(st.clone()).unwrap();
     let mut k = Kernels::new(st.clone()).unwrap();
-    // The default variant, then the large one (25_600 x 4096 is 105M weights).
-    for (rows, seed) in [(4096usize, 1u64), (25_600, 2)] {
+    // The default variant, the tall one (896 tiles), then the large one (25_600 x 4096 is 105M
+    // weights).
+    for (rows, seed) in [(4096usize, 1u64), (14_336, 3), (25_600, 2)] {
         let cols = 4096;
         let tensors: Vec<GpuResident> = (0..2)
             .map(|i| {
