@@ -44,6 +44,8 @@ pub struct GenerateArgs {
     pub speculative: Option<jitdelta_spec::ControllerKind>,
     /// The draft cost the controller's reward uses.
     pub draft_cost: crate::speculative::DraftCost,
+    /// Let the controller stop drafting while it loses (`ControllerConfig::auto_off`).
+    pub auto_off: bool,
     /// The device the model runs on.
     pub device: Device,
 }
@@ -200,6 +202,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 s["mean_accepted_length"].as_f64().unwrap_or(0.0),
                 s["target_passes_per_token"].as_f64().unwrap_or(0.0),
             );
+            let c = &r["controller"];
+            if c["config"]["auto_off"].as_bool() == Some(true) {
+                eprintln!(
+                    "auto-off: drafting paused {} times, {} plain steps",
+                    c["auto_off_pauses"].as_u64().unwrap_or(0),
+                    c["plain_steps"].as_u64().unwrap_or(0),
+                );
+            }
         }
     }
     Ok(())

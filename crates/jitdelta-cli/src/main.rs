@@ -129,6 +129,11 @@ enum Command {
         #[arg(long, default_value = "0.7", requires = "speculative",
               value_parser = speculative::parse_draft_cost)]
         draft_cost: speculative::DraftCost,
+        /// Stop drafting while it loses to plain decoding (rounds keeping too few drafted
+        /// tokens for their cost), probing again after 16, 32, ... plain steps. The output is
+        /// the same.
+        #[arg(long, requires = "speculative")]
+        auto_off: bool,
     },
     /// Print per-tensor sizes and bits per weight.
     Inspect {
@@ -246,6 +251,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
             speculative,
             controller,
             draft_cost,
+            auto_off,
             device,
         } => {
             let sampling = match temperature {
@@ -266,6 +272,7 @@ fn run(command: Command, progress: bool) -> Result<ExitCode, Box<dyn std::error:
                 json,
                 speculative: speculative.then_some(controller),
                 draft_cost,
+                auto_off,
                 device: generate::open_device(&device)?,
             })?;
             Ok(ExitCode::SUCCESS)

@@ -61,6 +61,10 @@ pub fn run(
             ..ControllerConfig::default()
         },
     };
+    let config = ControllerConfig {
+        auto_off: args.auto_off,
+        ..config
+    };
     let mut controller = Controller::new(kind, config);
     let mut pair = SelfSpec::new(model, mode);
     let opts = GenerateOptions {

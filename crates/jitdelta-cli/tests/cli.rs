@@ -834,6 +834,13 @@ fn generate_speculative_matches_exact_and_reports_acceptance() {
         assert_eq!(pulls, state["rounds"].as_u64().unwrap());
         assert!(arms.iter().all(|a| a["mean_reward"].is_number()));
     }
+    // Auto-off reaches the controller and shows in its state (6 tokens are fewer rounds than
+    // one auto-off window, so nothing pauses here; jitdelta-spec tests the pauses).
+    let spec = generate_json(&jd, &["--speculative", "--auto-off"]);
+    assert_eq!(spec["token_ids"], exact["token_ids"]);
+    let state = &spec["speculative"]["controller"];
+    assert_eq!(state["config"]["auto_off"], true, "{state}");
+    assert_eq!(state["plain_steps"], 0, "{state}");
     // Sampling runs through the same loop.
     let args = ["--speculative", "--temperature", "0.8", "--seed", "3"];
     let sampled = generate_json(&jd, &args);
@@ -862,11 +869,12 @@ fn generate_speculative_matches_exact_and_reports_acceptance() {
         &["--speculative", "--controller", "fixed:0"][..],
         &["--speculative", "--controller", "bandit"],
         &["--controller", "ucb1"],
+        &["--auto-off"],
         &["--speculative", "--mode", "draft"],
     ] {
         let out = jitdelta(["generate", "--model", jd].iter().chain(&prompt).chain(bad));
         let err = assert_clean_error(&out);
-        if bad[1] == "bandit" {
+        if bad.get(1) == Some(&"bandit") {
             assert!(err.contains("unknown controller `bandit`"), "{err}");
         }
     }

@@ -18,6 +18,17 @@
 //! divided by its largest possible value, `(M + 1) / (1 + c M)` for `c < 1` (`M` the longest
 //! draft), so it lies in [0, 1] as the bandits expect. Maximizing it is maximizing the
 //! speed-up the cost model predicts (docs/speculative.md).
+//!
+//! # Auto-off
+//!
+//! The same throughput says when drafting loses: plain decoding makes 1 token per target pass,
+//! so rounds averaging below 1 are slower than not drafting at all (a draft that rarely agrees,
+//! or a draft pass that costs about a verify pass). With [`ControllerConfig::auto_off`], after
+//! every [`AUTO_OFF_WINDOW`] rounds whose mean throughput is below 1, drafting stops for a
+//! number of plain decoding steps, [`AUTO_OFF_FIRST_PAUSE`] first and twice as many each time
+//! the next window loses again (at most [`AUTO_OFF_LONGEST_PAUSE`]), then a new window probes.
+//! A winning window resets the pause. The output is the same either way: a plain step is a
+//! verify pass with nothing to verify.
 
 use crate::bandit::{ArmStats, Bandit, BanditKind};
 use crate::{Error, Signals, StopRule};
@@ -100,6 +111,9 @@ pub struct ControllerConfig {
     /// hardware (on a GPU a small model's draft pass costs about a verify pass). Off by default:
     /// decisions then depend on timing, not only on the tokens.
     pub measure_draft_cost: bool,
+    /// Stop drafting while it loses to plain decoding (module docs, "Auto-off"). Off by default:
+    /// the pass counts of a run then depend on the draft cost's exact value.
+    pub auto_off: bool,
 }
 
 impl Default for ControllerConfig {
@@ -109,6 +123,58 @@ impl Default for ControllerConfig {
             draft_cost: 0.7,
             seed: 0,
             measure_draft_cost: false,
+            auto_off: false,
+        }
+    }
+}
+
+/// Rounds whose mean throughput decides whether drafting pauses (module docs, "Auto-off").
+pub const AUTO_OFF_WINDOW: usize = 8;
+/// Plain steps of the first pause.
+pub const AUTO_OFF_FIRST_PAUSE: usize = 16;
+/// Plain steps of the longest pause.
+pub const AUTO_OFF_LONGEST_PAUSE: usize = 512;
+
+/// The auto-off state: the current window's throughputs and the pause.
+#[derive(Clone, Debug)]
+struct AutoOff {
+    window: Vec<f64>,
+    /// Plain steps left in the current pause.
+    paused: usize,
+    /// Length of the next pause.
+    next_pause: usize,
+    pauses: u64,
+    plain_steps: u64,
+}
+
+impl Default for AutoOff {
+    fn default() -> Self {
+        Self {
+            window: Vec::with_capacity(AUTO_OFF_WINDOW),
+            paused: 0,
+            next_pause: AUTO_OFF_FIRST_PAUSE,
+            pauses: 0,
+            plain_steps: 0,
+        }
+    }
+}
+
+impl AutoOff {
+    /// Adds a round's throughput (tokens per target-pass-equivalent); closes the window when
+    /// full.
+    fn round(&mut self, throughput: f64) {
+        self.window.push(throughput);
+        if self.window.len() < AUTO_OFF_WINDOW {
+            return;
+        }
+        let mean = self.window.iter().sum::<f64>() / self.window.len() as f64;
+        self.window.clear();
+        if mean < 1.0 {
+            self.paused = self.next_pause;
+            self.next_pause = (2 * self.next_pause).min(AUTO_OFF_LONGEST_PAUSE);
+            self.pauses += 1;
+        } else {
+            self.next_pause = AUTO_OFF_FIRST_PAUSE;
         }
     }
 }
@@ -163,6 +229,10 @@ pub struct ControllerState {
     pub rounds: u64,
     /// Per arm: pulls and mean reward.
     pub arms: Vec<ArmState>,
+    /// Times auto-off paused drafting.
+    pub auto_off_pauses: u64,
+    /// Plain decoding steps taken in those pauses.
+    pub plain_steps: u64,
 }
 
 /// Picks a stopping rule per drafting round and learns from each round's outcome.
@@ -179,6 +249,7 @@ pub struct Controller {
     bandit: Bandit,
     scale: [Running; 2],
     round: Option<(usize, [f64; CONTEXT_DIM])>,
+    auto_off: AutoOff,
 }
 
 impl Controller {
@@ -202,6 +273,7 @@ impl Controller {
             bandit,
             scale: [Running::default(); 2],
             round: None,
+            auto_off: AutoOff::default(),
         }
     }
 
@@ -260,7 +332,29 @@ impl Controller {
         };
         let r = self.reward(drafted, accepted);
         self.bandit.update(arm, &x, r);
+        if self.config.auto_off {
+            self.auto_off.round(self.throughput(drafted, accepted));
+        }
         r
+    }
+
+    /// Whether the next step decodes plainly, without drafting: auto-off has paused drafting
+    /// (the step is counted). Always false without [`ControllerConfig::auto_off`].
+    pub fn plain_step(&mut self) -> bool {
+        let a = &mut self.auto_off;
+        if a.paused == 0 {
+            return false;
+        }
+        a.paused -= 1;
+        a.plain_steps += 1;
+        true
+    }
+
+    /// Tokens per target-pass-equivalent of a round that drafted `drafted` tokens and kept
+    /// `accepted`: `(accepted + 1) / (1 + c drafted)`.
+    fn throughput(&self, drafted: usize, accepted: usize) -> f64 {
+        let c = self.config.draft_cost.max(0.0);
+        (accepted.min(drafted) as f64 + 1.0) / (1.0 + c * drafted as f64)
     }
 
     /// Sets the draft cost the reward uses from now on (non-finite or negative values are
@@ -282,8 +376,7 @@ impl Controller {
         } else {
             1.0
         };
-        let got = (accepted.min(drafted) as f64 + 1.0) / (1.0 + c * drafted as f64);
-        (got / best).clamp(0.0, 1.0)
+        (self.throughput(drafted, accepted) / best).clamp(0.0, 1.0)
     }
 
     /// Per-arm statistics, in [`Controller::arms`] order.
@@ -308,6 +401,8 @@ impl Controller {
             config: self.config,
             rounds: arms.iter().map(|a| a.pulls).sum(),
             arms,
+            auto_off_pauses: self.auto_off.pauses,
+            plain_steps: self.auto_off.plain_steps,
         }
     }
 }

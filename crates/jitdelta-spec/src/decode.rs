@@ -375,8 +375,9 @@ pub fn generate(
         let n = seq.len();
         // The first round drafts nothing: the target reads the prompt alone, as plain decoding
         // does, so its first token comes from the very same pass (a pass of a different length
-        // may round differently and flip a near-tie).
-        let cap = if model.target_len() == 0 {
+        // may round differently and flip a near-tie). Nor do rounds that auto-off pauses; the
+        // draft catches up on the tokens it missed in its next pass.
+        let cap = if model.target_len() == 0 || controller.plain_step() {
             0
         } else {
             controller
@@ -446,6 +447,7 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::AUTO_OFF_WINDOW;
     use crate::{Controller, ControllerConfig, Signals};
 
     #[test]
@@ -466,13 +468,14 @@ mod tests {
         assert_eq!(zero.draft_cost(), None, "a zero verify time gives no ratio");
     }
 
-    /// Counts up; the draft agrees except at multiples of 4. Its draft pass sleeps
+    /// Counts up; the draft agrees except at multiples of `wrong_every`. Its draft pass sleeps
     /// `draft_ms`, its verify pass `verify_ms`.
     struct Sleepy {
         draft: Vec<u32>,
         target: Vec<u32>,
         draft_ms: u64,
         verify_ms: u64,
+        wrong_every: u32,
     }
 
     impl SpecModel for Sleepy {
@@ -481,7 +484,11 @@ mod tests {
             self.draft.extend_from_slice(tokens);
             let next = tokens[tokens.len() - 1] + 1;
             Ok(DraftRow {
-                argmax: if next % 4 == 0 { 0 } else { next },
+                argmax: if next % self.wrong_every == 0 {
+                    0
+                } else {
+                    next
+                },
                 signals: Signals::from_probs(&[0.9, 0.1]),
                 probs: None,
             })
@@ -524,6 +531,7 @@ mod tests {
                 target: vec![],
                 draft_ms: 1,
                 verify_ms: 20,
+                wrong_every: 4,
             };
             let config = ControllerConfig {
                 measure_draft_cost: measure,
@@ -541,6 +549,55 @@ mod tests {
                 assert_eq!(c, 0.7);
             }
         }
+    }
+
+    /// A draft that never agrees loses to plain decoding (each round: 1 token for 1 + 4c
+    /// passes), so auto-off pauses it, for longer each time its probe loses again; a draft
+    /// that always agrees is left alone. The tokens are plain decoding's either way.
+    #[test]
+    fn auto_off_pauses_a_losing_draft_and_keeps_the_output() {
+        let opts = GenerateOptions {
+            max_new: 400,
+            sampling: Sampling::Greedy,
+            stop: vec![],
+            seed: 0,
+        };
+        let run = |wrong_every: u32, auto_off: bool| {
+            let mut model = Sleepy {
+                draft: vec![],
+                target: vec![],
+                draft_ms: 0,
+                verify_ms: 0,
+                wrong_every,
+            };
+            let config = ControllerConfig {
+                auto_off,
+                ..ControllerConfig::default()
+            };
+            let mut controller = Controller::new("fixed:4".parse().unwrap(), config);
+            let out = generate(&mut model, &mut controller, &[1], &opts, |_| Ok(())).unwrap();
+            assert_eq!(out.tokens, (2..402).collect::<Vec<u32>>());
+            (out.stats, controller.state())
+        };
+        let (off, state) = run(1, false);
+        assert_eq!((state.auto_off_pauses, state.plain_steps), (0, 0));
+        let (on, state) = run(1, true);
+        // After the prompt's pass: windows of 8 one-token rounds, then pauses of 16, 32, 64,
+        // 128 and 256 plain steps (the last cut short by the 400-token limit).
+        assert_eq!(state.auto_off_pauses, 5, "{state:?}");
+        assert_eq!(state.plain_steps as usize, 400 - 1 - 5 * AUTO_OFF_WINDOW);
+        assert_eq!(on.draft_passes, 5 * AUTO_OFF_WINDOW * 4);
+        assert!(off.draft_passes > 1500, "{off:?}");
+        // One target pass a token either way: every round keeps only the target's token.
+        assert_eq!((on.target_passes, off.target_passes), (400, 400));
+
+        let (off, _) = run(10_000, false);
+        let (on, state) = run(10_000, true);
+        assert_eq!((state.auto_off_pauses, state.plain_steps), (0, 0));
+        assert_eq!(
+            (on.draft_passes, on.target_passes),
+            (off.draft_passes, off.target_passes)
+        );
     }
 
     #[test]
