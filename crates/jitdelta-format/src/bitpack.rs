@@ -8,34 +8,64 @@ pub fn packed_len(n: usize, width: u32) -> usize {
 
 /// Appends `values` (each < 2^width) packed at `width` bits to `out`.
 pub fn pack(values: &[u32], width: u32, out: &mut Vec<u8>) {
-    out.reserve(packed_len(values.len(), width));
+    let at = out.len();
+    out.resize(at + packed_len(values.len(), width), 0);
+    pack_into(values, width, &mut out[at..]);
+}
+
+/// Packs `values` (each < 2^width) at `width` bits into `out`, which must be exactly
+/// `packed_len(values.len(), width)` bytes; every byte is written (the bits after the last field
+/// are zero).
+pub fn pack_into(values: &[u32], width: u32, out: &mut [u8]) {
+    assert_eq!(
+        out.len(),
+        packed_len(values.len(), width),
+        "packed plane size"
+    );
     match width {
         0 => {}
         4 => {
             let mut pairs = values.chunks_exact(2);
-            for p in &mut pairs {
-                out.push((p[0] | (p[1] << 4)) as u8);
+            for (o, p) in out.iter_mut().zip(&mut pairs) {
+                *o = (p[0] | (p[1] << 4)) as u8;
             }
             if let [v] = pairs.remainder() {
-                out.push(*v as u8);
+                out[values.len() / 2] = *v as u8;
             }
         }
-        8 => out.extend(values.iter().map(|&v| v as u8)),
+        8 => {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = v as u8;
+            }
+        }
         _ => {
             let mut acc = 0u64;
             let mut bits = 0u32;
+            let mut at = 0;
             for &v in values {
                 acc |= (v as u64) << bits;
                 bits += width;
                 while bits >= 8 {
-                    out.push(acc as u8);
+                    out[at] = acc as u8;
+                    at += 1;
                     acc >>= 8;
                     bits -= 8;
                 }
             }
             if bits > 0 {
-                out.push(acc as u8);
+                out[at] = acc as u8;
             }
+        }
+    }
+}
+
+/// Clears the bits after field `n - 1` of a packed plane of `n` `width`-bit fields (its last
+/// byte's unused high bits), as [`pack`] leaves them.
+pub fn clear_padding(plane: &mut [u8], n: usize, width: u32) {
+    let used = n * width as usize % 8;
+    if used != 0 {
+        if let Some(last) = plane.get_mut(packed_len(n, width) - 1) {
+            *last &= (1u8 << used) - 1;
         }
     }
 }

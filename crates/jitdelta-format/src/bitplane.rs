@@ -2,13 +2,13 @@
 //! remaining mantissa bits. The exponent is Huffman coded (all the redundancy of trained weights is
 //! there), the sign/mantissa fields are stored raw (they are incompressible).
 
-use crate::bitpack::{pack, packed_len, unpack};
+use crate::bitpack::{clear_padding, packed_len, unpack};
 use crate::float::{DraftDtype, FloatFormat};
 use crate::huffman::{self, HuffmanDecoder, HuffmanEncoder};
 use crate::lanes::{
-    draft, draft_bf16_nibbles, histogram, join, join_bf16_nibbles, split, split_bf16_nibbles,
-    with_layout,
+    draft, draft_bf16_nibbles, histogram, join, join_bf16_nibbles, with_layout, FieldBuffers,
 };
+use crate::resident::ChunkFields;
 use crate::section;
 use crate::Result;
 
@@ -35,16 +35,10 @@ pub fn encode_chunk(
 ) -> Result<ChunkBytes> {
     let n = bytes.len() / format.bytes();
     let mut exps = vec![0u8; n];
-    let mut high_plane = Vec::with_capacity(packed_len(n, 1 + d));
-    let mut residual = Vec::with_capacity(packed_len(n, format.mantissa_bits() - d));
-    if format == FloatFormat::BF16 && d == 3 {
-        split_bf16_nibbles(bytes, &mut exps, &mut high_plane, &mut residual);
-    } else {
-        let (mut high, mut low) = (vec![0u32; n], vec![0u32; n]);
-        with_layout!(format, split(bytes, d, &mut exps, &mut high, &mut low));
-        pack(&high, 1 + d, &mut high_plane);
-        pack(&low, format.mantissa_bits() - d, &mut residual);
-    }
+    let mut high_plane = vec![0u8; packed_len(n, 1 + d)];
+    let mut residual = vec![0u8; packed_len(n, format.mantissa_bits() - d)];
+    let mut fields = FieldBuffers::default();
+    fields.split(format, d, bytes, &mut exps, &mut high_plane, &mut residual);
     let mut stream = Vec::new();
     huffman::encode(&exps, table, block_len, &mut stream)?;
     let mut base = Vec::with_capacity(4 + stream.len() + high_plane.len());
@@ -108,6 +102,38 @@ pub fn decode_exact(
         unpack(parts.high, 1 + d, first, high);
         unpack(low, low_width, first, lows);
         with_layout!(format, join(exps, high, lows, d, dst));
+    }
+    Ok(())
+}
+
+/// Decodes a chunk of `n` values into its fields without assembling values: the exponents
+/// (Huffman decoded), and the high and low planes copied as stored, which is how the resident
+/// layout with the same `d` packs them too. Checks the chunk like [`decode_exact`]; the bits
+/// after the last field of each plane are cleared, as packing leaves them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_fields(
+    format: FloatFormat,
+    d: u32,
+    block_len: usize,
+    table: &HuffmanDecoder,
+    base: &[u8],
+    residual: &[u8],
+    n: usize,
+    out: ChunkFields<'_>,
+) -> Result<()> {
+    let parts = parse_base(format, d, block_len, base, n)?;
+    let low_width = format.mantissa_bits() - d;
+    let mut rest = residual;
+    let low = section::take(&mut rest, packed_len(n, low_width), "residual plane")?;
+    section::finish(rest, "bit-plane residual")?;
+    for (b, block) in parts.blocks.iter().enumerate() {
+        let first = b * block_len;
+        let len = block_len.min(n - first);
+        huffman::decode_block(block, table, &mut out.exps[first..first + len])?;
+    }
+    for (dst, src, width) in [(out.high, parts.high, 1 + d), (out.low, low, low_width)] {
+        dst.copy_from_slice(src);
+        clear_padding(dst, n, width);
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Hot loops over value fields, monomorphised per float layout so that every shift and mask is
 //! a constant: `BYTES` per value, `M` mantissa bits, `E` exponent bits.
 
+use crate::bitpack::pack_into;
 use crate::float::{DraftDtype, FloatFormat};
 
 /// Calls `$func::<BYTES, M, E>(args)` for a runtime [`FloatFormat`].
@@ -99,18 +100,9 @@ fn assemble<const BYTES: usize>(out: &mut [u8], value: impl Fn(usize) -> u32) {
 }
 
 /// [`split`] for the default BF16 layout (`d = 3`), writing the high and low fields straight
-/// into nibble planes (appended to `high` and `low`): the hot path of encoding.
-pub(crate) fn split_bf16_nibbles(
-    bytes: &[u8],
-    exps: &mut [u8],
-    high: &mut Vec<u8>,
-    low: &mut Vec<u8>,
-) {
+/// into nibble planes (`high` and `low`, `n.div_ceil(2)` bytes each): the hot path of encoding.
+pub(crate) fn split_bf16_nibbles(bytes: &[u8], exps: &mut [u8], high: &mut [u8], low: &mut [u8]) {
     let n = bytes.len() / 2;
-    let (h_at, l_at) = (high.len(), low.len());
-    high.resize(h_at + n.div_ceil(2), 0);
-    low.resize(l_at + n.div_ceil(2), 0);
-    let (high, low) = (&mut high[h_at..], &mut low[l_at..]);
     let pairs = n / 2;
     let (e_pairs, h, l) = (
         &mut exps[..2 * pairs],
@@ -135,6 +127,41 @@ pub(crate) fn split_bf16_nibbles(
         exps[n - 1] = (v >> 7) as u8;
         high[pairs] = (((v >> 12) & 8) | ((v >> 4) & 7)) as u8;
         low[pairs] = (v & 15) as u8;
+    }
+}
+
+/// Reusable field buffers for splitting exact values straight into packed planes.
+#[derive(Default)]
+pub(crate) struct FieldBuffers {
+    high: Vec<u32>,
+    low: Vec<u32>,
+}
+
+impl FieldBuffers {
+    /// Splits the little-endian values in `bytes` into their exponents and the packed high
+    /// (sign + top `d` mantissa bits) and low planes (`packed_len` bytes each), the way
+    /// [`split`] and [`pack`](crate::bitpack::pack) lay them out. BF16 with `d = 3` writes the
+    /// nibble planes directly; other layouts go through the field buffers.
+    pub(crate) fn split(
+        &mut self,
+        format: FloatFormat,
+        d: u32,
+        bytes: &[u8],
+        exps: &mut [u8],
+        high: &mut [u8],
+        low: &mut [u8],
+    ) {
+        if format == FloatFormat::BF16 && d == 3 {
+            split_bf16_nibbles(bytes, exps, high, low);
+            return;
+        }
+        let n = bytes.len() / format.bytes();
+        self.high.resize(n, 0);
+        self.low.resize(n, 0);
+        let (h, l) = (&mut self.high[..n], &mut self.low[..n]);
+        with_layout!(format, split(bytes, d, exps, h, l));
+        pack_into(h, 1 + d, high);
+        pack_into(l, format.mantissa_bits() - d, low);
     }
 }
 

@@ -466,6 +466,10 @@ impl TensorView {
 
     /// Transcodes to the fixed-length resident layout, chunk by chunk (same chunking),
     /// with `draft_bits` mantissa bits in the high plane (3 gives BF16 nibble planes).
+    ///
+    /// A bit-plane tensor stored with the same `draft_bits` already holds the resident high and
+    /// low planes: only its exponents are decoded, the planes are copied. Other tensors are
+    /// decoded to exact values and split again. Both give the same bytes.
     pub fn to_resident(&self, draft_bits: u32) -> Result<ResidentTensor> {
         let format = self.format().ok_or_else(|| {
             Error::UnsupportedDtype(format!(
@@ -473,14 +477,37 @@ impl TensorView {
                 self.entry().name
             ))
         })?;
-        ResidentTensor::from_chunks(
-            format,
-            self.rows,
-            self.cols,
-            self.chunk_rows().unwrap_or(1),
-            draft_bits,
-            |c, out| self.decode_chunk_exact(c, out),
-        )
+        let (rows, cols, chunk_rows) = (self.rows, self.cols, self.chunk_rows().unwrap_or(1));
+        match (&self.entry().encoding, &self.tables) {
+            (
+                Encoding::Bitplane {
+                    draft_mantissa_bits,
+                    chunking,
+                    ..
+                },
+                Tables::Bitplane(table),
+            ) if *draft_mantissa_bits == draft_bits => ResidentTensor::from_fields(
+                format,
+                rows,
+                cols,
+                chunk_rows,
+                draft_bits,
+                |c, _, out| {
+                    let (e, _) = self.chunk(c)?;
+                    let block = chunking.block_len as usize;
+                    let (base, residual) = (self.base_of(e, c)?, self.residual_of(e, c)?);
+                    let n = out.exps.len();
+                    bitplane::decode_fields(
+                        format, draft_bits, block, table, base, residual, n, out,
+                    )
+                },
+            ),
+            _ => {
+                ResidentTensor::from_chunks(format, rows, cols, chunk_rows, draft_bits, |c, out| {
+                    self.decode_chunk_exact(c, out)
+                })
+            }
+        }
     }
 }
 

@@ -6,11 +6,9 @@
 //! outside a chunk's 16-wide window are escapes: their code is 0 and the true exponent sits in a
 //! per-chunk escape list. Every plane segment of a chunk starts 16-byte aligned.
 
-use crate::bitpack::{pack, packed_len, unpack};
+use crate::bitpack::{packed_len, unpack};
 use crate::float::{DraftDtype, FloatFormat};
-use crate::lanes::{
-    draft, draft_bf16_nibbles, histogram, join, join_bf16_nibbles, split, with_layout,
-};
+use crate::lanes::{draft, draft_bf16_nibbles, join, join_bf16_nibbles, with_layout, FieldBuffers};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -40,18 +38,36 @@ pub struct ResidentTensor {
     escape_exponent: Vec<u8>,
 }
 
-struct ResidentChunk {
-    codes: Vec<u8>,
-    high: Vec<u8>,
-    low: Vec<u8>,
-    base: u8,
-    escapes: Vec<(u32, u8)>,
+/// Where a chunk's fields go while the resident layout is built: its exponent per value
+/// (`exps`), and its segments of the high and low planes, exactly `packed_len` bytes each
+/// (zeroed; the bits after the last field must stay zero).
+pub(crate) struct ChunkFields<'a> {
+    pub(crate) exps: &'a mut [u8],
+    pub(crate) high: &'a mut [u8],
+    pub(crate) low: &'a mut [u8],
 }
 
-fn encode_chunk(format: FloatFormat, d: u32, bytes: &[u8]) -> ResidentChunk {
-    let n = bytes.len() / format.bytes();
-    let m = format.mantissa_bits();
-    let hist = with_layout!(format, histogram(bytes));
+/// Per-thread buffers of the chunk encoder, reused across the chunks a thread transcodes.
+#[derive(Default)]
+pub(crate) struct EncodeScratch {
+    /// A chunk's exact values, for sources that produce values.
+    exact: Vec<u8>,
+    /// Field buffers for layouts that are not nibble planes.
+    fields: FieldBuffers,
+}
+
+impl ChunkFields<'_> {
+    /// Fills the fields from the chunk's exact little-endian `values`.
+    fn split(self, fields: &mut FieldBuffers, format: FloatFormat, d: u32, values: &[u8]) {
+        fields.split(format, d, values, self.exps, self.high, self.low)
+    }
+}
+
+/// Chooses a chunk's base exponent from its exponents and writes its code plane (`codes`, the
+/// whole zeroed segment): the 16-wide window holding the most values, ties to the lowest base;
+/// exponents outside it get code 0 and are returned as (position in the chunk, exponent).
+fn encode_codes(format: FloatFormat, exps: &[u8], codes: &mut [u8]) -> (u8, Vec<(u32, u8)>) {
+    let hist = byte_histogram(exps);
     let top = format.max_exponent() as usize + 1 - WINDOW;
     let base = (0..=top)
         .max_by_key(|&b| {
@@ -61,39 +77,66 @@ fn encode_chunk(format: FloatFormat, d: u32, bytes: &[u8]) -> ResidentChunk {
             )
         })
         .unwrap_or(0) as u8;
-    let (mut exps, mut high, mut low) = (vec![0u8; n], vec![0u32; n], vec![0u32; n]);
-    with_layout!(format, split(bytes, d, &mut exps, &mut high, &mut low));
+    let code = |e: u8| {
+        let c = e.wrapping_sub(base);
+        if c < WINDOW as u8 {
+            c
+        } else {
+            0
+        }
+    };
+    let mut pairs = exps.chunks_exact(2);
+    for (o, p) in codes.iter_mut().zip(&mut pairs) {
+        *o = code(p[0]) | code(p[1]) << 4;
+    }
+    if let [e] = pairs.remainder() {
+        codes[exps.len() / 2] = code(*e);
+    }
+    let inside: u64 = hist[base as usize..base as usize + WINDOW].iter().sum();
     let mut escapes = Vec::new();
-    let codes: Vec<u32> = exps
-        .iter()
-        .enumerate()
-        .map(|(i, &e)| {
-            let code = e.wrapping_sub(base) as u32;
-            if code < WINDOW as u32 {
-                code
-            } else {
-                escapes.push((i as u32, e));
-                0
+    if inside < exps.len() as u64 {
+        escapes.reserve_exact(exps.len() - inside as usize);
+        // Blocks with no escape (nearly all) are skipped after a check that vectorises.
+        const BLOCK: usize = 64;
+        for (b, block) in exps.chunks(BLOCK).enumerate() {
+            let outside = |e: u8| e.wrapping_sub(base) >= WINDOW as u8;
+            if block.iter().fold(false, |any, &e| any | outside(e)) {
+                let first = b * BLOCK;
+                escapes.extend(
+                    (first..)
+                        .zip(block)
+                        .filter(|&(_, &e)| outside(e))
+                        .map(|(i, &e)| (i as u32, e)),
+                );
             }
-        })
-        .collect();
-    let mut planes = [Vec::new(), Vec::new(), Vec::new()];
-    for (plane, (values, width)) in
-        planes
-            .iter_mut()
-            .zip([(&codes, CODE_BITS), (&high, 1 + d), (&low, m - d)])
-    {
-        pack(values, width, plane);
-        plane.resize(segment_len(n, width), 0);
+        }
     }
-    let [codes, high, low] = planes;
-    ResidentChunk {
-        codes,
-        high,
-        low,
-        base,
-        escapes,
+    (base, escapes)
+}
+
+/// Histogram of a byte slice (four sub-histograms hide store-to-load stalls).
+fn byte_histogram(bytes: &[u8]) -> [u64; 256] {
+    let mut h = [[0u32; 256]; 4];
+    let mut total = [0u64; 256];
+    // Flush the u32 counters before they can overflow.
+    for block in bytes.chunks(1 << 30) {
+        let mut quads = block.chunks_exact(4);
+        for q in &mut quads {
+            for (sub, &b) in h.iter_mut().zip(q) {
+                sub[b as usize] += 1;
+            }
+        }
+        for &b in quads.remainder() {
+            h[0][b as usize] += 1;
+        }
+        for sub in &mut h {
+            for (t, s) in total.iter_mut().zip(sub.iter_mut()) {
+                *t += *s as u64;
+                *s = 0;
+            }
+        }
     }
+    total
 }
 
 impl ResidentTensor {
@@ -112,10 +155,19 @@ impl ResidentTensor {
             .ok_or_else(|| Error::InvalidOption("tensor too large".into()))?;
         check_len(bytes, expected)?;
         let chunk_bytes = chunk_rows.saturating_mul(cols * format.bytes());
-        Self::from_chunks(format, rows, cols, chunk_rows, draft_bits, |c, out| {
-            out.copy_from_slice(&bytes[c * chunk_bytes..c * chunk_bytes + out.len()]);
-            Ok(())
-        })
+        Self::from_fields(
+            format,
+            rows,
+            cols,
+            chunk_rows,
+            draft_bits,
+            |c, scratch, out| {
+                let start = c * chunk_bytes;
+                let values = &bytes[start..start + out.exps.len() * format.bytes()];
+                out.split(&mut scratch.fields, format, draft_bits, values);
+                Ok(())
+            },
+        )
     }
 
     /// Builds the resident layout chunk by chunk: `exact(c, out)` fills chunk `c`'s exact
@@ -129,6 +181,37 @@ impl ResidentTensor {
         draft_bits: u32,
         exact: impl Fn(usize, &mut [u8]) -> Result<()> + Sync,
     ) -> Result<Self> {
+        Self::from_fields(
+            format,
+            rows,
+            cols,
+            chunk_rows,
+            draft_bits,
+            |c, scratch, out| {
+                let EncodeScratch {
+                    exact: values,
+                    fields,
+                } = scratch;
+                values.resize(out.exps.len() * format.bytes(), 0);
+                exact(c, values)?;
+                out.split(fields, format, draft_bits, values);
+                Ok(())
+            },
+        )
+    }
+
+    /// Builds the resident layout chunk by chunk from fields: `fill(c, scratch, out)` writes
+    /// chunk `c`'s exponents and packed high and low planes into `out` (sized for the chunk).
+    /// Chunks are transcoded in parallel, each thread reusing one [`EncodeScratch`], straight
+    /// into the tensor's planes.
+    pub(crate) fn from_fields(
+        format: FloatFormat,
+        rows: usize,
+        cols: usize,
+        chunk_rows: usize,
+        draft_bits: u32,
+        fill: impl Fn(usize, &mut EncodeScratch, ChunkFields<'_>) -> Result<()> + Sync,
+    ) -> Result<Self> {
         format.check_draft_bits(draft_bits)?;
         if chunk_rows == 0 {
             return Err(Error::InvalidOption("chunk_rows must be at least 1".into()));
@@ -139,14 +222,36 @@ impl ResidentTensor {
         } else {
             rows.div_ceil(chunk_rows)
         };
-        let chunks: Vec<ResidentChunk> = (0..count)
-            .into_par_iter()
-            .map(|c| {
-                let n = chunk_rows.min(rows - c * chunk_rows) * cols;
-                let mut buf = vec![0u8; n * format.bytes()];
-                exact(c, &mut buf)?;
-                Ok(encode_chunk(format, draft_bits, &buf))
-            })
+        let (full, d) = (chunk_rows * cols, draft_bits);
+        let widths = [CODE_BITS, 1 + d, format.mantissa_bits() - d];
+        // Every chunk's segment is full-sized but the last one's.
+        let [mut codes, mut high, mut low] = widths.map(|w| match count {
+            0 => Vec::new(),
+            _ => {
+                let last = rows - (count - 1) * chunk_rows;
+                vec![0u8; (count - 1) * segment_len(full, w) + segment_len(last * cols, w)]
+            }
+        });
+        let stride = widths.map(|w| segment_len(full, w).max(1));
+        let chunks: Vec<(u8, Vec<(u32, u8)>)> = codes
+            .par_chunks_mut(stride[0])
+            .zip(high.par_chunks_mut(stride[1]))
+            .zip(low.par_chunks_mut(stride[2]))
+            .enumerate()
+            .map_init(
+                || (Vec::new(), EncodeScratch::default()),
+                |(exps, scratch), (c, ((cs, hs), ls))| {
+                    let n = chunk_rows.min(rows - c * chunk_rows) * cols;
+                    exps.resize(n, 0);
+                    let out = ChunkFields {
+                        exps,
+                        high: &mut hs[..packed_len(n, widths[1])],
+                        low: &mut ls[..packed_len(n, widths[2])],
+                    };
+                    fill(c, scratch, out)?;
+                    Ok(encode_codes(format, exps, cs))
+                },
+            )
             .collect::<Result<_>>()?;
         let mut t = Self {
             format,
@@ -154,21 +259,22 @@ impl ResidentTensor {
             cols,
             chunk_rows,
             draft_bits,
-            codes: Vec::new(),
-            high: Vec::new(),
-            low: Vec::new(),
-            exponent_base: Vec::new(),
-            escape_start: vec![0],
+            codes,
+            high,
+            low,
+            exponent_base: Vec::with_capacity(count),
+            escape_start: Vec::with_capacity(count + 1),
             escape_pos: Vec::new(),
             escape_exponent: Vec::new(),
         };
-        for (c, chunk) in chunks.into_iter().enumerate() {
-            t.codes.extend_from_slice(&chunk.codes);
-            t.high.extend_from_slice(&chunk.high);
-            t.low.extend_from_slice(&chunk.low);
-            t.exponent_base.push(chunk.base);
-            let offset = (c * chunk_rows * cols) as u32;
-            for (pos, e) in chunk.escapes {
+        t.escape_start.push(0);
+        let escapes = chunks.iter().map(|(_, e)| e.len()).sum();
+        t.escape_pos.reserve_exact(escapes);
+        t.escape_exponent.reserve_exact(escapes);
+        for (c, (base, escapes)) in chunks.into_iter().enumerate() {
+            t.exponent_base.push(base);
+            let offset = (c * full) as u32;
+            for (pos, e) in escapes {
                 t.escape_pos.push(offset + pos);
                 t.escape_exponent.push(e);
             }
@@ -366,5 +472,225 @@ pub(crate) fn check_len(out: &[u8], expected: usize) -> Result<()> {
             expected,
             got: out.len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitpack::pack;
+    use crate::bitplane;
+    use crate::huffman::CodeLengths;
+    use crate::lanes::{histogram, split};
+
+    /// The resident encoder as it was before chunks were built in place: one chunk at a time,
+    /// from exact values through unpacked fields, concatenated. The reference the optimised
+    /// builders must match byte for byte.
+    fn reference(
+        format: FloatFormat,
+        rows: usize,
+        cols: usize,
+        chunk_rows: usize,
+        d: u32,
+        bytes: &[u8],
+    ) -> ResidentTensor {
+        let chunk_rows = chunk_rows.min(rows.max(1));
+        let count = if cols == 0 {
+            0
+        } else {
+            rows.div_ceil(chunk_rows)
+        };
+        let mut t = ResidentTensor {
+            format,
+            rows,
+            cols,
+            chunk_rows,
+            draft_bits: d,
+            codes: Vec::new(),
+            high: Vec::new(),
+            low: Vec::new(),
+            exponent_base: Vec::new(),
+            escape_start: vec![0],
+            escape_pos: Vec::new(),
+            escape_exponent: Vec::new(),
+        };
+        let m = format.mantissa_bits();
+        for c in 0..count {
+            let n = chunk_rows.min(rows - c * chunk_rows) * cols;
+            let start = c * chunk_rows * cols * format.bytes();
+            let chunk = &bytes[start..start + n * format.bytes()];
+            let hist = with_layout!(format, histogram(chunk));
+            let top = format.max_exponent() as usize + 1 - WINDOW;
+            let base = (0..=top)
+                .max_by_key(|&b| {
+                    (
+                        hist[b..b + WINDOW].iter().sum::<u64>(),
+                        std::cmp::Reverse(b),
+                    )
+                })
+                .unwrap_or(0) as u8;
+            let (mut exps, mut high, mut low) = (vec![0u8; n], vec![0u32; n], vec![0u32; n]);
+            with_layout!(format, split(chunk, d, &mut exps, &mut high, &mut low));
+            let mut codes = Vec::new();
+            for (i, &e) in exps.iter().enumerate() {
+                let code = e.wrapping_sub(base) as u32;
+                if code < WINDOW as u32 {
+                    codes.push(code);
+                } else {
+                    codes.push(0);
+                    t.escape_pos.push((c * chunk_rows * cols + i) as u32);
+                    t.escape_exponent.push(e);
+                }
+            }
+            for (plane, values, width) in [
+                (&mut t.codes, &codes, CODE_BITS),
+                (&mut t.high, &high, 1 + d),
+                (&mut t.low, &low, m - d),
+            ] {
+                let at = plane.len();
+                pack(values, width, plane);
+                plane.resize(at + segment_len(n, width), 0);
+            }
+            t.exponent_base.push(base);
+            t.escape_start.push(t.escape_pos.len() as u32);
+        }
+        t
+    }
+
+    fn assert_same(got: &ResidentTensor, want: &ResidentTensor, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        assert_eq!(got.chunk_rows(), want.chunk_rows(), "{what}");
+        assert_eq!(got.draft_bits(), want.draft_bits(), "{what}");
+        assert_eq!(got.planes(), want.planes(), "{what}: planes");
+        assert_eq!(got.exponent_bases(), want.exponent_bases(), "{what}: bases");
+        assert_eq!(got.escapes(), want.escapes(), "{what}: escapes");
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 32) as u32
+        }
+    }
+
+    /// Adversarial values: each row block picks a regime (trained-like exponents, all tiny with
+    /// zeros and subnormals, all huge with infinities and NaN payloads, the whole range), and a
+    /// fraction of values are specials anyway.
+    fn adversarial(format: FloatFormat, n: usize, block: usize, seed: u64) -> Vec<u8> {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let (m, max_e) = (format.mantissa_bits(), format.max_exponent());
+        let mut regime = 0;
+        let mut bits = Vec::with_capacity(n);
+        for i in 0..n {
+            if i % block.max(1) == 0 {
+                regime = rng.next() % 4;
+            }
+            let r = rng.next();
+            let sign = r >> 31;
+            let mantissa = rng.next() & ((1 << m) - 1);
+            let e = match (regime, r % 16) {
+                (_, 0) => 0,                     // ±0 and subnormals
+                (_, 1) => max_e,                 // ±inf and NaN payloads
+                (0, _) => max_e / 2 - 8 + r % 9, // trained-like
+                (1, _) => r % 6,                 // tiny: window at 0
+                (2, _) => max_e - r % 6,         // huge: window at the top
+                _ => r % (max_e + 1),            // everything
+            };
+            let mantissa = match r % 64 {
+                2 => 0, // exact zeros / infinities
+                _ => mantissa,
+            };
+            bits.push((sign << (m + format.exponent_bits())) | (e << m) | mantissa);
+        }
+        bits.iter()
+            .flat_map(|&v| v.to_le_bytes()[..format.bytes()].to_vec())
+            .collect()
+    }
+
+    const SHAPES: [(usize, usize, usize); 8] = [
+        (1, 1, 1),
+        (3, 7, 2),
+        (5, 33, 4),
+        (16, 32, 16),
+        (9, 17, 64),
+        (64, 100, 8),
+        (130, 64, 64),
+        (4, 0, 2),
+    ];
+
+    #[test]
+    fn builders_match_the_reference_on_adversarial_values() {
+        for format in [FloatFormat::BF16, FloatFormat::F16, FloatFormat::F32] {
+            for d in 0..format.mantissa_bits() {
+                for (seed, &(rows, cols, chunk_rows)) in SHAPES.iter().enumerate() {
+                    let block = [1, 7, cols, 64][seed % 4];
+                    let bytes = adversarial(format, rows * cols, block, seed as u64);
+                    let want = reference(format, rows, cols, chunk_rows, d, &bytes);
+                    let what = format!("{format:?} d={d} {rows}x{cols}/{chunk_rows}");
+                    let got = ResidentTensor::from_exact(format, rows, cols, chunk_rows, d, &bytes)
+                        .unwrap();
+                    assert_same(&got, &want, &what);
+                    let chunk_bytes = chunk_rows.min(rows) * cols * format.bytes();
+                    let got =
+                        ResidentTensor::from_chunks(format, rows, cols, chunk_rows, d, |c, out| {
+                            let start = c * chunk_bytes;
+                            out.copy_from_slice(&bytes[start..start + out.len()]);
+                            Ok(())
+                        })
+                        .unwrap();
+                    assert_same(&got, &want, &what);
+                }
+            }
+        }
+    }
+
+    /// The at-rest path copies the stored planes: bits after the last field (never written by
+    /// the encoder, but a file may hold anything there) must not leak into the layout.
+    #[test]
+    fn stored_planes_with_dirty_padding_give_the_reference_layout() {
+        for format in [FloatFormat::BF16, FloatFormat::F16, FloatFormat::F32] {
+            for d in 0..format.mantissa_bits() {
+                for (rows, cols) in [(3, 5), (1, 1), (2, 9), (4, 16)] {
+                    let n = rows * cols;
+                    let bytes = adversarial(format, n, 3, (n as u64) << 8 | d as u64);
+                    let hist = with_layout!(format, histogram(&bytes));
+                    let lens = CodeLengths::from_counts(&hist);
+                    let block_len = 4;
+                    let mut chunk =
+                        bitplane::encode_chunk(format, d, block_len, &lens.encoder(), &bytes)
+                            .unwrap();
+                    // The base ends with the high plane; the residual is the low plane.
+                    for (plane, width) in [
+                        (&mut chunk.base, 1 + d),
+                        (&mut chunk.residual, format.mantissa_bits() - d),
+                    ] {
+                        if n * width as usize % 8 != 0 {
+                            *plane.last_mut().unwrap() |= 0xFFu8 << (n * width as usize % 8);
+                        }
+                    }
+                    let decoder = lens.decoder();
+                    let got =
+                        ResidentTensor::from_fields(format, rows, cols, rows, d, |_, _, out| {
+                            bitplane::decode_fields(
+                                format,
+                                d,
+                                block_len,
+                                &decoder,
+                                &chunk.base,
+                                &chunk.residual,
+                                n,
+                                out,
+                            )
+                        })
+                        .unwrap();
+                    let want = reference(format, rows, cols, rows, d, &bytes);
+                    assert_same(&got, &want, &format!("{format:?} d={d} {rows}x{cols}"));
+                }
+            }
+        }
     }
 }

@@ -94,19 +94,76 @@ fn bf16_value(bits: u16) -> f64 {
     f32::from_bits((bits as u32) << 16) as f64
 }
 
-struct ChunkPlanes {
-    p: Vec<u8>,
-    s: Vec<u8>,
-    l: Vec<u8>,
-    escapes: Vec<(u32, u8)>,
-}
-
 fn nib(plane: &[u8], i: usize) -> u8 {
     (plane[i / 2] >> ((i & 1) * 4)) & 15
 }
 
+/// The little-endian 64-bit words of a plane segment (a multiple of 8 bytes).
+fn words(plane: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    plane
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// Moves the nibbles of each 32-bit half of `x` to the device order: the nibble of value `v`
+/// (bits `4v`) goes to [`nibble_position`]`(v)`, so values 0–3 take the low nibbles of the
+/// half's bytes and values 4–7 the high ones.
+#[inline(always)]
+fn interleave(x: u64) -> u64 {
+    const HALVES: u64 = 0x0000_FFFF_0000_FFFF;
+    // Nibble k of a 16-bit field to bits 8k..8k+4, inside its 32-bit half.
+    let spread = |x: u64| {
+        let x = (x | x << 8) & 0x00FF_00FF_00FF_00FF;
+        (x | x << 4) & 0x0F0F_0F0F_0F0F_0F0F
+    };
+    spread(x & HALVES) | spread((x >> 16) & HALVES) << 4
+}
+
+/// Re-packs 16 consecutive values (a 64-bit word of each resident plane: code, high = sign +
+/// 3 mantissa bits, low = 4 mantissa bits; value `i` at bits `4i`) into the words of the device
+/// planes `(P, S, L)`, two groups of 8 as documented at the top of this module.
+#[inline(always)]
+fn repack(code: u64, high: u64, low: u64) -> (u64, u64, u64) {
+    const NIBBLE_BIT0: u64 = 0x1111_1111_1111_1111;
+    const NIBBLE_LOW3: u64 = 0x7777_7777_7777_7777;
+    let p = interleave((code & NIBBLE_BIT0) << 3 | (high & NIBBLE_LOW3));
+    // Per byte k of a group: `code >> 1` of value k in bits 0..3 and of value k + 4 in bits
+    // 4..7; the sign of value k in bit 0 and of value k + 4 in bit 4.
+    let c3 = interleave((code >> 1) & NIBBLE_LOW3);
+    let sign = interleave((high >> 3) & NIBBLE_BIT0);
+    let s = (c3 & 0x0707_0707_0707_0707)
+        | (c3 >> 1) & 0x3838_3838_3838_3838
+        | (sign & 0x0101_0101_0101_0101) << 7
+        | (sign & 0x1010_1010_1010_1010) << 2;
+    (p, s, interleave(low))
+}
+
+/// In a chunk whose exponent window touches 0 or 255 (base 0, or 240 and up), the values of a
+/// word of codes (its first `len` values, flat indices from `first`) whose exponent is 0 or
+/// 255 become escapes: pushed to `escapes` with their true exponent, their code cleared to 0.
+/// (Code 0 with exponent 0 is the placeholder already; it is listed so the true bits are
+/// restored.) Returns the word of codes.
+fn edge_escapes(
+    code: u64,
+    base: u32,
+    first: usize,
+    len: usize,
+    escapes: &mut Vec<(u32, u8)>,
+) -> u64 {
+    let mut cleared = code;
+    for v in 0..len {
+        let e = base + ((code >> (4 * v)) as u32 & 15);
+        if e == 0 || e == 255 {
+            escapes.push(((first + v) as u32, e as u8));
+            cleared &= !(15 << (4 * v));
+        }
+    }
+    cleared
+}
+
 impl DeviceLayout {
-    /// Re-packs a resident tensor (BF16, three nibble planes).
+    /// Re-packs a resident tensor (BF16, three nibble planes): chunks in parallel, 16 values a
+    /// step, straight into the output planes.
     pub fn from_resident(t: &ResidentTensor) -> Result<Self> {
         check_supported(t)?;
         let (rows, cols) = t.dims();
@@ -114,76 +171,79 @@ impl DeviceLayout {
         let segment = t.segment_stride(CODE_BITS);
         let (codes, high, low) = t.planes();
         let (esc_start, esc_pos, esc_exp) = t.escapes();
-        let chunks: Vec<ChunkPlanes> = (0..t.chunk_count())
-            .into_par_iter()
-            .map(|c| {
+        let [mut p, mut s, mut l] = [(); 3].map(|()| vec![0u8; codes.len()]);
+        let stride = segment.max(1);
+        // Per chunk, the escapes its window adds (only windows touching 0 or 255 add any).
+        let added: Vec<Vec<(u32, u8)>> = p
+            .par_chunks_mut(stride)
+            .zip(s.par_chunks_mut(stride))
+            .zip(l.par_chunks_mut(stride))
+            .enumerate()
+            .map(|(c, ((p, s), l))| {
                 let n = t.chunk_len(c);
-                let at = c * segment;
-                let len = segment.min(codes.len() - at);
-                let (cs, hs, ls) = (
-                    &codes[at..at + len],
-                    &high[at..at + len],
-                    &low[at..at + len],
-                );
                 let base = t.exponent_bases()[c] as u32;
-                let offset = c * chunk_rows * cols;
-                let listed = esc_start[c] as usize..esc_start[c + 1] as usize;
-                let mut escapes: Vec<(u32, u8)> = esc_pos[listed.clone()]
-                    .iter()
-                    .zip(&esc_exp[listed])
-                    .map(|(&p, &e)| (p, e))
-                    .collect();
-                let (mut p, mut s, mut l) = (vec![0u8; len], vec![0u8; len], vec![0u8; len]);
                 let edge_window = base == 0 || base + 15 >= 255;
-                for i in 0..n {
-                    let mut code = nib(cs, i) as u32;
-                    let e = base + code;
-                    if edge_window && code != 0 && (e == 0 || e == 255) {
-                        escapes.push(((offset + i) as u32, e as u8));
-                        code = 0;
-                    } else if edge_window && code == 0 && e == 0 {
-                        // Already the placeholder code; list it so the true bits are restored.
-                        escapes.push(((offset + i) as u32, 0));
+                let first = c * chunk_rows * cols;
+                let at = c * segment;
+                let span = at..at + 8 * n.div_ceil(16);
+                let mut added = Vec::new();
+                let outputs = p
+                    .chunks_exact_mut(8)
+                    .zip(s.chunks_exact_mut(8))
+                    .zip(l.chunks_exact_mut(8));
+                for (w, (((code, h), lo), ((po, so), lout))) in words(&codes[span.clone()])
+                    .zip(words(&high[span.clone()]))
+                    .zip(words(&low[span]))
+                    .zip(outputs)
+                    .enumerate()
+                {
+                    // Only the last word has nibbles past the chunk's end; they are not values.
+                    let len = (n - 16 * w).min(16);
+                    let valid = u64::MAX >> (64 - 4 * len);
+                    let mut code = code & valid;
+                    if edge_window {
+                        code = edge_escapes(code, base, first + 16 * w, len, &mut added);
                     }
-                    let (h, lo) = (nib(hs, i) as u32, nib(ls, i) as u32);
-                    let (group, v) = (i / 8, i % 8);
-                    let q = group * 8 + nibble_position(v);
-                    p[q / 2] |= ((((code & 1) << 3) | (h & 7)) << ((q & 1) * 4)) as u8;
-                    l[q / 2] |= (lo << ((q & 1) * 4)) as u8;
-                    let (sign, c3) = (h >> 3, code >> 1);
-                    let byte = group * 4 + v % 4;
-                    s[byte] |= if v < 4 {
-                        (sign << 7 | c3) as u8
-                    } else {
-                        (sign << 6 | c3 << 3) as u8
-                    };
+                    let (pw, sw, lw) = repack(code, h & valid, lo & valid);
+                    po.copy_from_slice(&pw.to_le_bytes());
+                    so.copy_from_slice(&sw.to_le_bytes());
+                    lout.copy_from_slice(&lw.to_le_bytes());
                 }
-                // Stable: a listed escape (pushed first) wins over the placeholder-code entry.
-                escapes.sort_by_key(|e| e.0);
-                escapes.dedup_by_key(|e| e.0);
-                ChunkPlanes { p, s, l, escapes }
+                added
             })
             .collect();
         let mut out = Self {
             dims: (rows, cols, chunk_rows),
             segment,
-            p: Vec::with_capacity(codes.len()),
-            s: Vec::with_capacity(codes.len()),
-            l: Vec::with_capacity(codes.len()),
+            p,
+            s,
+            l,
             bases: t.exponent_bases().to_vec(),
-            escape_start: vec![0],
-            escape_pos: Vec::new(),
-            escape_exponent: Vec::new(),
+            escape_start: Vec::with_capacity(esc_start.len()),
+            escape_pos: Vec::with_capacity(esc_pos.len()),
+            escape_exponent: Vec::with_capacity(esc_pos.len()),
             escape_row_start: Vec::new(),
             escape_correction: Vec::new(),
         };
-        for ch in chunks {
-            out.p.extend_from_slice(&ch.p);
-            out.s.extend_from_slice(&ch.s);
-            out.l.extend_from_slice(&ch.l);
-            for (pos, e) in ch.escapes {
-                out.escape_pos.push(pos);
-                out.escape_exponent.push(e);
+        out.escape_start.push(0);
+        for (c, added) in added.into_iter().enumerate() {
+            let listed = esc_start[c] as usize..esc_start[c + 1] as usize;
+            let (pos, exp) = (&esc_pos[listed.clone()], &esc_exp[listed]);
+            if added.is_empty() {
+                out.escape_pos.extend_from_slice(pos);
+                out.escape_exponent.extend_from_slice(exp);
+            } else {
+                let mut escapes: Vec<(u32, u8)> = pos
+                    .iter()
+                    .copied()
+                    .zip(exp.iter().copied())
+                    .chain(added)
+                    .collect();
+                // Stable: a listed escape (first) wins over an added entry at the same place.
+                escapes.sort_by_key(|e| e.0);
+                escapes.dedup_by_key(|e| e.0);
+                out.escape_pos.extend(escapes.iter().map(|e| e.0));
+                out.escape_exponent.extend(escapes.iter().map(|e| e.1));
             }
             out.escape_start.push(out.escape_pos.len() as u32);
         }
@@ -257,5 +317,201 @@ impl DeviceLayout {
             Err(_) => self.bases[c] as u32 + f.code,
         };
         f.bf16_bits(e, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jitdelta_format::FloatFormat;
+    use proptest::prelude::*;
+
+    /// [`DeviceLayout::from_resident`] as first written: one value at a time, nibble by nibble.
+    /// The reference the word-wise re-pack must match byte for byte.
+    fn reference(t: &ResidentTensor) -> DeviceLayout {
+        let (rows, cols) = t.dims();
+        let chunk_rows = t.chunk_rows();
+        let segment = t.segment_stride(CODE_BITS);
+        let (codes, high, low) = t.planes();
+        let (esc_start, esc_pos, esc_exp) = t.escapes();
+        let mut out = DeviceLayout {
+            dims: (rows, cols, chunk_rows),
+            segment,
+            p: Vec::new(),
+            s: Vec::new(),
+            l: Vec::new(),
+            bases: t.exponent_bases().to_vec(),
+            escape_start: vec![0],
+            escape_pos: Vec::new(),
+            escape_exponent: Vec::new(),
+            escape_row_start: Vec::new(),
+            escape_correction: Vec::new(),
+        };
+        for c in 0..t.chunk_count() {
+            let n = t.chunk_len(c);
+            let at = c * segment;
+            let len = segment.min(codes.len() - at);
+            let (cs, hs, ls) = (
+                &codes[at..at + len],
+                &high[at..at + len],
+                &low[at..at + len],
+            );
+            let base = t.exponent_bases()[c] as u32;
+            let offset = c * chunk_rows * cols;
+            let listed = esc_start[c] as usize..esc_start[c + 1] as usize;
+            let mut escapes: Vec<(u32, u8)> = esc_pos[listed.clone()]
+                .iter()
+                .zip(&esc_exp[listed])
+                .map(|(&p, &e)| (p, e))
+                .collect();
+            let (mut p, mut s, mut l) = (vec![0u8; len], vec![0u8; len], vec![0u8; len]);
+            let edge_window = base == 0 || base + 15 >= 255;
+            for i in 0..n {
+                let mut code = nib(cs, i) as u32;
+                let e = base + code;
+                if edge_window && code != 0 && (e == 0 || e == 255) {
+                    escapes.push(((offset + i) as u32, e as u8));
+                    code = 0;
+                } else if edge_window && code == 0 && e == 0 {
+                    escapes.push(((offset + i) as u32, 0));
+                }
+                let (h, lo) = (nib(hs, i) as u32, nib(ls, i) as u32);
+                let (group, v) = (i / 8, i % 8);
+                let q = group * 8 + nibble_position(v);
+                p[q / 2] |= ((((code & 1) << 3) | (h & 7)) << ((q & 1) * 4)) as u8;
+                l[q / 2] |= (lo << ((q & 1) * 4)) as u8;
+                let (sign, c3) = (h >> 3, code >> 1);
+                let byte = group * 4 + v % 4;
+                s[byte] |= if v < 4 {
+                    (sign << 7 | c3) as u8
+                } else {
+                    (sign << 6 | c3 << 3) as u8
+                };
+            }
+            escapes.sort_by_key(|e| e.0);
+            escapes.dedup_by_key(|e| e.0);
+            out.p.extend_from_slice(&p);
+            out.s.extend_from_slice(&s);
+            out.l.extend_from_slice(&l);
+            for (pos, e) in escapes {
+                out.escape_pos.push(pos);
+                out.escape_exponent.push(e);
+            }
+            out.escape_start.push(out.escape_pos.len() as u32);
+        }
+        out.escape_row_start = (0..=rows)
+            .map(|r| out.escape_pos.partition_point(|&p| (p as usize) < r * cols) as u32)
+            .collect();
+        out.escape_correction = (0..out.escape_pos.len())
+            .map(|k| out.correction(k))
+            .collect();
+        out
+    }
+
+    /// Every field equal, the f32 corrections bit for bit (NaN included).
+    fn assert_same(got: &DeviceLayout, want: &DeviceLayout) {
+        fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
+            assert_eq!(got.len(), want.len(), "{what}: length");
+            if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+                panic!("{what}[{i}]: {:?}, reference {:?}", got[i], want[i]);
+            }
+        }
+        assert_eq!(got.dims, want.dims);
+        assert_eq!(got.segment, want.segment);
+        same(&got.p, &want.p, "plane P");
+        same(&got.s, &want.s, "plane S");
+        same(&got.l, &want.l, "plane L");
+        same(&got.bases, &want.bases, "bases");
+        same(&got.escape_start, &want.escape_start, "escape_start");
+        same(&got.escape_pos, &want.escape_pos, "escape_pos");
+        same(
+            &got.escape_exponent,
+            &want.escape_exponent,
+            "escape_exponent",
+        );
+        same(
+            &got.escape_row_start,
+            &want.escape_row_start,
+            "escape_row_start",
+        );
+        let bits =
+            |c: &[[f32; 2]]| -> Vec<u32> { c.iter().flatten().map(|x| x.to_bits()).collect() };
+        same(
+            &bits(&got.escape_correction),
+            &bits(&want.escape_correction),
+            "escape_correction",
+        );
+    }
+
+    fn check(bits: &[u16], rows: usize, cols: usize, chunk_rows: usize) {
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let t = ResidentTensor::from_exact(FloatFormat::BF16, rows, cols, chunk_rows, 3, &bytes)
+            .unwrap();
+        assert_same(&DeviceLayout::from_resident(&t).unwrap(), &reference(&t));
+    }
+
+    /// BF16 bit patterns that stress the layout: ±0, subnormals, ±inf, NaN payloads, the
+    /// exponents next to 0 and 255, trained-like weights, anything.
+    fn value() -> impl Strategy<Value = u16> {
+        let sign = any::<bool>().prop_map(|s| (s as u16) << 15);
+        let mantissa = 0u16..0x80;
+        let special = prop_oneof![
+            Just(0u16),
+            Just(0x7F80),
+            Just(0x7FC0),
+            1u16..0x80,
+            0x7F81u16..0x8000,
+            (1u16..16).prop_map(|e| e << 7),
+            (240u16..255).prop_map(|e| e << 7),
+        ];
+        let trained = (118u16..126, mantissa).prop_map(|(e, m)| e << 7 | m);
+        (sign, prop_oneof![special, trained, any::<u16>()]).prop_map(|(s, v)| s | (v & 0x7FFF))
+    }
+
+    proptest! {
+        #[test]
+        fn repack_matches_the_scalar_reference(
+            bits in prop::collection::vec(value(), 1..700),
+            cols in 1usize..70,
+            chunk_rows in 1usize..9,
+        ) {
+            let rows = bits.len() / cols;
+            prop_assume!(rows > 0);
+            check(&bits[..rows * cols], rows, cols, chunk_rows);
+        }
+
+        #[test]
+        fn edge_windows_match_the_scalar_reference(
+            low in prop::collection::vec(0u16..0x0780, 40..300),
+            high in prop::collection::vec(0x7800u16..0x8000, 40..300),
+            sign in any::<u16>(),
+            cols in 1usize..40,
+        ) {
+            // Chunks of only tiny values (base 0) or only huge, inf and NaN values (base 240).
+            for v in [low, high] {
+                let v: Vec<u16> = v.iter().enumerate().map(|(i, b)| b | (sign << (i % 16)) & 0x8000).collect();
+                let rows = v.len() / cols;
+                if rows > 0 {
+                    check(&v[..rows * cols], rows, cols, 3);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_bf16_pattern_matches_the_scalar_reference() {
+        // All 65,536 patterns, in orders that give mixed, tiny-only and huge-only chunks.
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let by_exponent: Vec<u16> = {
+            let mut v = all.clone();
+            v.sort_by_key(|b| (b >> 7) & 0xFF);
+            v
+        };
+        for bits in [&all, &by_exponent] {
+            for (cols, chunk_rows) in [(256, 4), (100, 7), (13, 64)] {
+                let rows = bits.len() / cols;
+                check(&bits[..rows * cols], rows, cols, chunk_rows);
+            }
+        }
     }
 }
