@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
+    DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
@@ -312,30 +312,23 @@ impl Kernels {
     pub fn upload_layout(&self, d: &DeviceLayout) -> Result<GpuResident> {
         let (rows, cols, chunk_rows) = d.dims;
         let s = &self.stream;
-        // Empty lists still get one (never read) element: a null device pointer is not a slice.
-        let some_u8 = |v: &[u8]| if v.is_empty() { vec![0] } else { v.to_vec() };
         Ok(GpuResident {
             rows: to_u32(rows, "rows")?,
             cols: to_u32(cols, "cols")?,
             chunk_rows: to_u32(chunk_rows, "chunk rows")?,
             chunks: d.bases.len(),
             segment: d.segment as u64,
-            p: s.clone_htod(&some_u8(&d.p))?,
-            s: s.clone_htod(&some_u8(&d.s))?,
-            l: s.clone_htod(&some_u8(&d.l))?,
-            bases: s.clone_htod(&some_u8(&d.bases))?,
-            esc_pos: s.clone_htod(if d.escape_pos.is_empty() {
-                &[0u32][..]
-            } else {
-                &d.escape_pos[..]
-            })?,
-            esc_exp: s.clone_htod(&some_u8(&d.escape_exponent))?,
-            esc_row_start: s.clone_htod(&d.escape_row_start)?,
-            esc_corr: s.clone_htod(&if d.escape_correction.is_empty() {
-                vec![0.0; 2]
-            } else {
-                d.escape_correction.concat()
-            })?,
+            p: to_device(s, &d.p)?,
+            s: to_device(s, &d.s)?,
+            l: to_device(s, &d.l)?,
+            bases: to_device(s, &d.bases)?,
+            esc_pos: to_device(s, &d.escape_pos)?,
+            esc_exp: to_device(s, &d.escape_exponent)?,
+            esc_row_start: to_device(s, &d.escape_row_start)?,
+            esc_corr: to_device(
+                s,
+                bytemuck::cast_slice::<[f32; 2], f32>(&d.escape_correction),
+            )?,
             escapes: d.escape_pos.len(),
         })
     }
@@ -839,6 +832,16 @@ fn supports_dependent_launch(stream: &CudaStream) -> Result<bool> {
 fn dependent_launch_default(stream: &CudaStream) -> Result<bool> {
     Ok(supports_dependent_launch(stream)?
         && std::env::var(DEPENDENT_LAUNCH_ENV).map_or(true, |v| v != "0"))
+}
+
+/// Copies `v` to the device as it is (no staging copy on the host); an empty list gets one
+/// never-read zero element, since a null device pointer is not a slice.
+fn to_device<T: DeviceRepr + Default>(stream: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
+    Ok(if v.is_empty() {
+        stream.clone_htod(&[T::default()])?
+    } else {
+        stream.clone_htod(v)?
+    })
 }
 
 /// Checks an output of `len` elements matches inputs of `want`.
