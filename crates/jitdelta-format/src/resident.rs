@@ -63,20 +63,26 @@ impl ChunkFields<'_> {
     }
 }
 
-/// Chooses a chunk's base exponent from its exponents and writes its code plane (`codes`, the
-/// whole zeroed segment): the 16-wide window holding the most values, ties to the lowest base;
-/// exponents outside it get code 0 and are returned as (position in the chunk, exponent).
-fn encode_codes(format: FloatFormat, exps: &[u8], codes: &mut [u8]) -> (u8, Vec<(u32, u8)>) {
-    let hist = byte_histogram(exps);
+/// The base of the 16-wide exponent window holding the most values of a histogram of
+/// exponents, ties to the lowest base.
+fn best_base(format: FloatFormat, hist: &[u64]) -> u8 {
     let top = format.max_exponent() as usize + 1 - WINDOW;
-    let base = (0..=top)
+    (0..=top)
         .max_by_key(|&b| {
             (
                 hist[b..b + WINDOW].iter().sum::<u64>(),
                 std::cmp::Reverse(b),
             )
         })
-        .unwrap_or(0) as u8;
+        .unwrap_or(0) as u8
+}
+
+/// Chooses a chunk's base exponent from its exponents and writes its code plane (`codes`, the
+/// whole zeroed segment): the 16-wide window holding the most values, ties to the lowest base;
+/// exponents outside it get code 0 and are returned as (position in the chunk, exponent).
+fn encode_codes(format: FloatFormat, exps: &[u8], codes: &mut [u8]) -> (u8, Vec<(u32, u8)>) {
+    let hist = byte_histogram(exps);
+    let base = best_base(format, &hist);
     let code = |e: u8| {
         let c = e.wrapping_sub(base);
         if c < WINDOW as u8 {
@@ -520,15 +526,7 @@ mod tests {
             let start = c * chunk_rows * cols * format.bytes();
             let chunk = &bytes[start..start + n * format.bytes()];
             let hist = with_layout!(format, histogram(chunk));
-            let top = format.max_exponent() as usize + 1 - WINDOW;
-            let base = (0..=top)
-                .max_by_key(|&b| {
-                    (
-                        hist[b..b + WINDOW].iter().sum::<u64>(),
-                        std::cmp::Reverse(b),
-                    )
-                })
-                .unwrap_or(0) as u8;
+            let base = best_base(format, &hist);
             let (mut exps, mut high, mut low) = (vec![0u8; n], vec![0u32; n], vec![0u32; n]);
             with_layout!(format, split(chunk, d, &mut exps, &mut high, &mut low));
             let mut codes = Vec::new();

@@ -247,12 +247,7 @@ impl DeviceLayout {
             }
             out.escape_start.push(out.escape_pos.len() as u32);
         }
-        out.escape_row_start = (0..=rows)
-            .map(|r| out.escape_pos.partition_point(|&p| (p as usize) < r * cols) as u32)
-            .collect();
-        out.escape_correction = (0..out.escape_pos.len())
-            .map(|k| out.correction(k))
-            .collect();
+        out.index_escapes();
         Ok(out)
     }
 
@@ -277,6 +272,20 @@ impl DeviceLayout {
             m3: p & 7,
             l4: nib(&self.l[at..], q) as u32,
         }
+    }
+
+    /// Fills the per-row escape index and the corrections from the escape list.
+    fn index_escapes(&mut self) {
+        let (rows, cols, _) = self.dims;
+        self.escape_row_start = (0..=rows)
+            .map(|r| {
+                self.escape_pos
+                    .partition_point(|&p| (p as usize) < r * cols) as u32
+            })
+            .collect();
+        self.escape_correction = (0..self.escape_pos.len())
+            .map(|k| self.correction(k))
+            .collect();
     }
 
     /// [`DeviceLayout::escape_correction`] of escape `k`.
@@ -399,12 +408,7 @@ mod tests {
             }
             out.escape_start.push(out.escape_pos.len() as u32);
         }
-        out.escape_row_start = (0..=rows)
-            .map(|r| out.escape_pos.partition_point(|&p| (p as usize) < r * cols) as u32)
-            .collect();
-        out.escape_correction = (0..out.escape_pos.len())
-            .map(|k| out.correction(k))
-            .collect();
+        out.index_escapes();
         out
     }
 
