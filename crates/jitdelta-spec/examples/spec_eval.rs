@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p jitdelta-spec --example spec_eval -- [MODEL_DIR] [MODEL.jd]
 //!     [--tokens 96] [--long-tokens 256] [--prompts 6] [--draft-cost 0.7] [--seeds 5]
-//!     [--validate 2] [--prompt-set main|held-out]
+//!     [--validate 2] [--prompt-set main|held-out] [--auto-off]
 //! ```
 //!
 //! Greedy decoding makes every configuration's run a deterministic function of the exact
@@ -176,6 +176,8 @@ struct Args {
     seeds: u64,
     validate: usize,
     sets: &'static [(&'static str, &'static [&'static str])],
+    /// Every controller with `ControllerConfig::auto_off`.
+    auto_off: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -189,6 +191,7 @@ fn parse_args() -> Result<Args> {
         seeds: 5,
         validate: 0,
         sets: SETS,
+        auto_off: false,
     };
     let mut positional = 0;
     let mut it = std::env::args().skip(1);
@@ -201,6 +204,7 @@ fn parse_args() -> Result<Args> {
             "--draft-cost" => a.draft_cost = value()?.parse()?,
             "--seeds" => a.seeds = value()?.parse::<u64>()?.max(1),
             "--validate" => a.validate = value()?.parse()?,
+            "--auto-off" => a.auto_off = true,
             "--prompt-set" => {
                 a.sets = match value()?.as_str() {
                     "main" => SETS,
@@ -529,6 +533,7 @@ fn main() -> Result<()> {
                     ControllerConfig {
                         draft_cost: c,
                         seed,
+                        auto_off: args.auto_off,
                         ..ControllerConfig::default()
                     },
                 );
@@ -617,6 +622,7 @@ fn validate(
         for ctl in ["fixed:4", "max-conf", "ucb1"] {
             let config = ControllerConfig {
                 draft_cost: args.draft_cost,
+                auto_off: args.auto_off,
                 ..ControllerConfig::default()
             };
             let mut a = Controller::new(ctl.parse()?, config);
