@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 const SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("kernels.cu"));
 const ATTENTION_SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("attention.cu"));
-/// Set to `0` to launch the fused GEMVs without programmatic dependent launch (a diagnostic
-/// switch for A/B runs; see [`Kernels::set_dependent_launch`]).
+/// Set to `0` to launch the kernels without programmatic dependent launch (a diagnostic switch
+/// for A/B runs; see [`Kernels::set_dependent_launch`]).
 pub const DEPENDENT_LAUNCH_ENV: &str = "JITDELTA_DEPENDENT_LAUNCH";
 const ATTENTION_THREADS: u32 = 4 * 32;
 /// Positions a block of the decode attention takes (`ATTN_SPLIT` in `attention.cu`).
@@ -209,14 +209,13 @@ struct GroupArgs {
 /// The compiled kernels, bound to one stream.
 #[derive(Debug)]
 pub struct Kernels {
-    stream: Arc<CudaStream>,
+    launcher: Launcher,
     decode: CudaFunction,
     patch: CudaFunction,
     gemv: GemvKernel,
     /// The size classes of [`Kernels::new`]: tall, then large tensors.
     gemv_tall: Option<GemvKernel>,
     gemv_large: Option<GemvKernel>,
-    dependent_launch: bool,
 }
 
 impl Kernels {
@@ -228,8 +227,8 @@ impl Kernels {
     /// the selection alone, never on the batch, so every batch size sums a row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let mut kernels = Self::with_defines(stream, &[])?;
-        let ring = compile(&kernels.stream, SOURCE, LARGE_GEMV_DEFINES)?;
-        let four_warps = compile(&kernels.stream, SOURCE, FOUR_WARP_DEFINES)?;
+        let ring = compile(&kernels.launcher.stream, SOURCE, LARGE_GEMV_DEFINES)?;
+        let four_warps = compile(&kernels.launcher.stream, SOURCE, FOUR_WARP_DEFINES)?;
         let tall = GemvKernel::load(&four_warps, FOUR_WARP_DEFINES)?;
         kernels.gemv_large = Some(GemvKernel {
             draft: tall.draft.clone(),
@@ -246,13 +245,12 @@ impl Kernels {
     pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
         let module = compile(&stream, SOURCE, defines)?;
         Ok(Self {
-            dependent_launch: dependent_launch_default(&stream)?,
             gemv: GemvKernel::load(&module, defines)?,
             gemv_tall: None,
             gemv_large: None,
             decode: module.load_function("jd_decode_bf16")?,
             patch: module.load_function("jd_patch_escapes")?,
-            stream,
+            launcher: Launcher::new(stream)?,
         })
     }
 
@@ -260,24 +258,21 @@ impl Kernels {
     /// compute capability 9.0+ unless [`DEPENDENT_LAUNCH_ENV`] is `0`). A GEMV so launched may
     /// start while the previous kernel of the stream still runs and load its first planes
     /// before it waits for its input: the launch latency and the first DRAM round trip overlap
-    /// the previous kernel. Results are the same
-    /// bits either way.
+    /// the previous kernel. Results are the same bits either way.
     pub fn dependent_launch(&self) -> bool {
-        self.dependent_launch
+        self.launcher.dependent
     }
 
     /// Turns programmatic dependent launch of the fused GEMVs on or off (it stays off below
     /// compute capability 9.0, where the kernels' controls compile to nothing).
     pub fn set_dependent_launch(&mut self, on: bool) -> Result<()> {
-        self.dependent_launch = on && supports_dependent_launch(&self.stream)?;
-        Ok(())
+        self.launcher.set_dependent(on)
     }
 
-    /// Launches a fused GEMV of `blocks` tiles, with programmatic stream serialization when
-    /// [`Kernels::dependent_launch`] is on.
+    /// Launches a fused GEMV of `blocks` tiles (dependently when that is on).
     ///
     /// # Safety
-    /// As [`launch`].
+    /// As [`Launcher::launch`].
     unsafe fn launch_gemv(
         &self,
         kernel: &GemvLaunch,
@@ -287,20 +282,12 @@ impl Kernels {
         let mut config = grid((blocks, 1), kernel.threads);
         config.shared_mem_bytes = kernel.smem;
         // SAFETY: the caller's contract.
-        unsafe {
-            launch(
-                &self.stream,
-                &kernel.function,
-                config,
-                args,
-                self.dependent_launch,
-            )
-        }
+        unsafe { self.launcher.launch(&kernel.function, config, args, true) }
     }
 
     /// The stream every kernel runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.launcher.stream
     }
 
     /// Re-packs a resident tensor into the device layout and copies it to the device.
@@ -311,7 +298,7 @@ impl Kernels {
     /// Copies a tensor already in the device layout.
     pub fn upload_layout(&self, d: &DeviceLayout) -> Result<GpuResident> {
         let (rows, cols, chunk_rows) = d.dims;
-        let s = &self.stream;
+        let s = &self.launcher.stream;
         Ok(GpuResident {
             rows: to_u32(rows, "rows")?,
             cols: to_u32(cols, "cols")?,
@@ -347,7 +334,7 @@ impl Kernels {
                     )));
                 }
                 let bytes: Vec<u8> = flags.iter().map(|&f| f as u8).collect();
-                GpuSelection::Routed(self.stream.clone_htod(&bytes)?)
+                GpuSelection::Routed(self.launcher.stream.clone_htod(&bytes)?)
             }
         })
     }
@@ -375,17 +362,17 @@ impl Kernels {
         let blocks = units.div_ceil(DECODE_THREADS as usize);
         let (grid_x, grid_y) = (blocks.min(65_535), blocks.div_ceil(65_535));
         let (mode, routed) = sel.mode(t);
-        let mut args = t.common_args(mode, routed, &self.stream);
-        args.value(out.device_ptr_mut(&self.stream).0);
+        let mut args = t.common_args(mode, routed, &self.launcher.stream);
+        args.value(out.device_ptr_mut(&self.launcher.stream).0);
         let config = grid((grid_x as u32, grid_y as u32), DECODE_THREADS);
         // SAFETY: the argument list matches `jd_decode_bf16`; every buffer was sized above
         // or at upload, and the kernel reads only within the chunk segments it is given.
-        unsafe { launch(&self.stream, &self.decode, config, &mut args, false) }?;
+        unsafe { self.launcher.launch(&self.decode, config, &mut args, false) }?;
         if t.escapes == 0 {
             return Ok(());
         }
         let escapes = t.escapes as u32;
-        let mut launch = self.stream.launch_builder(&self.patch);
+        let mut launch = self.launcher.stream.launch_builder(&self.patch);
         launch
             .arg(&t.p)
             .arg(&t.s)
@@ -422,7 +409,7 @@ impl Kernels {
         }
         let (mode, routed) = sel.mode(t);
         let kernel = self.variant(t).single(sel);
-        let s = &self.stream;
+        let s = &self.launcher.stream;
         let mut args = t.common_args(mode, routed, s);
         args.buffer(&t.esc_row_start, s)
             .buffer(&t.esc_pos, s)
@@ -467,19 +454,19 @@ impl Kernels {
             count: tensors.len() as u32,
             ..Default::default()
         };
-        let (y_base, _y_sync) = y.device_ptr_mut(&self.stream);
+        let (y_base, _y_sync) = y.device_ptr_mut(&self.launcher.stream);
         let (mut tiles, mut offset) = (0u32, 0usize);
         for (t, m) in tensors.iter().zip(&mut args.members) {
             tiles += t.tiles();
-            let ptr = |s: &CudaSlice<u8>| s.device_ptr(&self.stream).0;
+            let ptr = |s: &CudaSlice<u8>| s.device_ptr(&self.launcher.stream).0;
             *m = GroupMember {
                 p: ptr(&t.p),
                 s: ptr(&t.s),
                 l: ptr(&t.l),
                 bases: ptr(&t.bases),
-                esc_row_start: t.esc_row_start.device_ptr(&self.stream).0,
-                esc_pos: t.esc_pos.device_ptr(&self.stream).0,
-                esc_corr: t.esc_corr.device_ptr(&self.stream).0,
+                esc_row_start: t.esc_row_start.device_ptr(&self.launcher.stream).0,
+                esc_pos: t.esc_pos.device_ptr(&self.launcher.stream).0,
+                esc_corr: t.esc_corr.device_ptr(&self.launcher.stream).0,
                 y: y_base + (offset * std::mem::size_of::<bf16>()) as u64,
                 segment: t.segment,
                 rows: t.rows,
@@ -494,7 +481,7 @@ impl Kernels {
         raw.value(args)
             .value(first.cols)
             .value(first.chunk_rows)
-            .buffer(x, &self.stream)
+            .buffer(x, &self.launcher.stream)
             .value(batch as u32);
         // SAFETY: the arguments match `jd_gemv_group_bf16_*`; every member's buffers were
         // checked as for `gemv`, its output lies inside `y` (checked above), and all outlive
@@ -595,8 +582,7 @@ fn compile(
 /// bound to one stream.
 #[derive(Debug)]
 pub struct DecoderKernels {
-    stream: Arc<CudaStream>,
-    dependent_launch: bool,
+    launcher: Launcher,
     attention_partial: CudaFunction,
     attention_merge: CudaFunction,
     add_rms_norm: CudaFunction,
@@ -612,8 +598,7 @@ impl DecoderKernels {
             attention_merge: module.load_function("jd_attention_merge_bf16")?,
             add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
             silu_mul: module.load_function("jd_silu_mul_bf16")?,
-            dependent_launch: dependent_launch_default(&stream)?,
-            stream,
+            launcher: Launcher::new(stream)?,
         })
     }
 
@@ -621,27 +606,12 @@ impl DecoderKernels {
     /// wait for their inputs first thing, which hides their launch latency behind the previous
     /// kernel, and they let the next (a fused GEMV) launch at once.
     pub fn set_dependent_launch(&mut self, on: bool) -> Result<()> {
-        self.dependent_launch = on && supports_dependent_launch(&self.stream)?;
-        Ok(())
-    }
-
-    /// Launches one of these kernels (see [`launch`]).
-    ///
-    /// # Safety
-    /// As [`launch`].
-    unsafe fn launch(
-        &self,
-        f: &CudaFunction,
-        config: LaunchConfig,
-        args: &mut RawArgs,
-    ) -> Result<()> {
-        // SAFETY: the caller's contract.
-        unsafe { launch(&self.stream, f, config, args, self.dependent_launch) }
+        self.launcher.set_dependent(on)
     }
 
     /// The stream the kernels run on.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.launcher.stream
     }
 
     /// Softmax attention of `q` over `k`, `v` into `y` (layouts in [`AttentionShape`]), scale
@@ -678,10 +648,11 @@ impl DecoderKernels {
         // SAFETY: the merge reads only the records of splits a row has, which the partial
         // kernel writes.
         let mut part = unsafe {
-            self.stream
+            self.launcher
+                .stream
                 .alloc::<f32>(shape.rows * shape.heads * splits as usize * (shape.head_dim + 2))
         }?;
-        let st = &self.stream;
+        let st = &self.launcher.stream;
         let mut args = RawArgs::default();
         args.buffer(q, st)
             .buffer(k, st)
@@ -699,7 +670,10 @@ impl DecoderKernels {
         // SAFETY: the argument list matches `jd_attention_partial_bf16`; every buffer holds the
         // elements its shape needs (checked above, `part` sized here) and the kernel indexes
         // only within them.
-        unsafe { self.launch(&self.attention_partial, config, &mut args) }?;
+        unsafe {
+            self.launcher
+                .launch(&self.attention_partial, config, &mut args, true)
+        }?;
         let mut args = RawArgs::default();
         args.buffer(&part, st)
             .value(rows)
@@ -710,7 +684,10 @@ impl DecoderKernels {
             .value(y.device_ptr_mut(st).0);
         let config = grid((rows, heads), ATTENTION_THREADS);
         // SAFETY: matches `jd_attention_merge_bf16`; `part` as written above, `y` checked.
-        unsafe { self.launch(&self.attention_merge, config, &mut args) }?;
+        unsafe {
+            self.launcher
+                .launch(&self.attention_merge, config, &mut args, true)
+        }?;
         Ok(())
     }
 
@@ -735,7 +712,7 @@ impl DecoderKernels {
         if rows == 0 {
             return Ok(());
         }
-        let st = &self.stream;
+        let st = &self.launcher.stream;
         let mut args = RawArgs::default();
         args.buffer(x, st)
             .buffer(y, st)
@@ -746,7 +723,14 @@ impl DecoderKernels {
             .value(norm_out.device_ptr_mut(st).0);
         // SAFETY: the arguments match `jd_add_rms_norm_bf16`; x, y and both outputs hold
         // `rows * cols` elements and w `cols` (checked above); block `r` touches row `r` only.
-        unsafe { self.launch(&self.add_rms_norm, grid((rows, 1), NORM_THREADS), &mut args) }?;
+        unsafe {
+            self.launcher.launch(
+                &self.add_rms_norm,
+                grid((rows, 1), NORM_THREADS),
+                &mut args,
+                true,
+            )
+        }?;
         Ok(())
     }
 
@@ -763,7 +747,7 @@ impl DecoderKernels {
         if n == 0 {
             return Ok(());
         }
-        let st = &self.stream;
+        let st = &self.launcher.stream;
         let mut args = RawArgs::default();
         args.buffer(gate, st)
             .buffer(up, st)
@@ -772,66 +756,86 @@ impl DecoderKernels {
         let config = grid((n.div_ceil(ELEMENTWISE_THREADS), 1), ELEMENTWISE_THREADS);
         // SAFETY: matches `jd_silu_mul_bf16`; all three buffers hold `n` elements (checked
         // above) and threads past `n` return.
-        unsafe { self.launch(&self.silu_mul, config, &mut args) }?;
+        unsafe {
+            self.launcher
+                .launch(&self.silu_mul, config, &mut args, true)
+        }?;
         Ok(())
     }
 }
 
-/// Launches `function` with `args` in its parameter order, with programmatic stream
-/// serialization if `dependent` (the kernel must then wait as `pdl.cuh` says).
-///
-/// # Safety
-/// `args` must match the kernel's parameters, and every buffer it addresses must hold what
-/// the kernel reads and writes under `config`.
-unsafe fn launch(
-    stream: &CudaStream,
-    function: &CudaFunction,
-    config: LaunchConfig,
-    args: &mut RawArgs,
+/// A stream and how our kernels are launched on it: through `cuLaunchKernelEx`, with
+/// programmatic stream serialization (dependent launch, `pdl.cuh`) for kernels that wait for
+/// their inputs, where the device supports it (compute capability 9.0) and it is on.
+#[derive(Debug)]
+struct Launcher {
+    stream: Arc<CudaStream>,
     dependent: bool,
-) -> Result<()> {
-    use cudarc::driver::sys;
-    let mut params = args.pointers();
-    // SAFETY: a zeroed attribute is a valid plain-old-data value; id and value set below.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    let (grid_dim, block_dim) = (config.grid_dim, config.block_dim);
-    let config = sys::CUlaunchConfig {
-        gridDimX: grid_dim.0,
-        gridDimY: grid_dim.1,
-        gridDimZ: grid_dim.2,
-        blockDimX: block_dim.0,
-        blockDimY: block_dim.1,
-        blockDimZ: block_dim.2,
-        sharedMemBytes: config.shared_mem_bytes,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: dependent as u32,
-    };
-    stream.context().bind_to_thread()?;
-    // SAFETY: the caller's contract; `params` and `attr` outlive the call, which copies them.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &config,
-            function.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
+}
+
+impl Launcher {
+    /// Dependent launch on where supported, unless [`DEPENDENT_LAUNCH_ENV`] is `0`.
+    fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let mut launcher = Self {
+            stream,
+            dependent: false,
+        };
+        launcher.set_dependent(std::env::var(DEPENDENT_LAUNCH_ENV).map_or(true, |v| v != "0"))?;
+        Ok(launcher)
     }
-    .result()?;
-    Ok(())
-}
 
-/// Programmatic dependent launch needs compute capability 9.0.
-fn supports_dependent_launch(stream: &CudaStream) -> Result<bool> {
-    Ok(stream.context().compute_capability()?.0 >= 9)
-}
+    /// Turns dependent launch on or off (it stays off below compute capability 9.0, where the
+    /// kernels' controls compile to nothing).
+    fn set_dependent(&mut self, on: bool) -> Result<()> {
+        self.dependent = on && self.stream.context().compute_capability()?.0 >= 9;
+        Ok(())
+    }
 
-/// On where supported, unless [`DEPENDENT_LAUNCH_ENV`] is `0`.
-fn dependent_launch_default(stream: &CudaStream) -> Result<bool> {
-    Ok(supports_dependent_launch(stream)?
-        && std::env::var(DEPENDENT_LAUNCH_ENV).map_or(true, |v| v != "0"))
+    /// Launches `function` with `args` in its parameter order; dependently if it `waits` (as
+    /// `pdl.cuh` says) and dependent launch is on.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters, and every buffer it addresses must hold what
+    /// the kernel reads and writes under `config`.
+    unsafe fn launch(
+        &self,
+        function: &CudaFunction,
+        config: LaunchConfig,
+        args: &mut RawArgs,
+        waits: bool,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut params = args.pointers();
+        // SAFETY: a zeroed attribute is a valid plain-old-data value; id and value set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let (grid_dim, block_dim) = (config.grid_dim, config.block_dim);
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid_dim.0,
+            gridDimY: grid_dim.1,
+            gridDimZ: grid_dim.2,
+            blockDimX: block_dim.0,
+            blockDimY: block_dim.1,
+            blockDimZ: block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: (waits && self.dependent) as u32,
+        };
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: the caller's contract; `params` and `attr` outlive the call, which copies them.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        Ok(())
+    }
 }
 
 /// Copies `v` to the device as it is (no staging copy on the host); an empty list gets one

@@ -135,10 +135,11 @@ pub const AUTO_OFF_FIRST_PAUSE: usize = 16;
 /// Plain steps of the longest pause.
 pub const AUTO_OFF_LONGEST_PAUSE: usize = 512;
 
-/// The auto-off state: the current window's throughputs and the pause.
+/// The auto-off state: the current window's rounds and the pause.
 #[derive(Clone, Debug)]
 struct AutoOff {
-    window: Vec<f64>,
+    /// Rounds in the current window and the sum of their throughputs.
+    window: (usize, f64),
     /// Plain steps left in the current pause.
     paused: usize,
     /// Length of the next pause.
@@ -150,7 +151,7 @@ struct AutoOff {
 impl Default for AutoOff {
     fn default() -> Self {
         Self {
-            window: Vec::with_capacity(AUTO_OFF_WINDOW),
+            window: (0, 0.0),
             paused: 0,
             next_pause: AUTO_OFF_FIRST_PAUSE,
             pauses: 0,
@@ -163,12 +164,14 @@ impl AutoOff {
     /// Adds a round's throughput (tokens per target-pass-equivalent); closes the window when
     /// full.
     fn round(&mut self, throughput: f64) {
-        self.window.push(throughput);
-        if self.window.len() < AUTO_OFF_WINDOW {
+        let (rounds, sum) = &mut self.window;
+        *rounds += 1;
+        *sum += throughput;
+        if *rounds < AUTO_OFF_WINDOW {
             return;
         }
-        let mean = self.window.iter().sum::<f64>() / self.window.len() as f64;
-        self.window.clear();
+        let mean = *sum / *rounds as f64;
+        self.window = (0, 0.0);
         if mean < 1.0 {
             self.paused = self.next_pause;
             self.next_pause = (2 * self.next_pause).min(AUTO_OFF_LONGEST_PAUSE);
