@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg,
+    DeviceRepr, LaunchConfig,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
@@ -372,24 +372,25 @@ impl Kernels {
             return Ok(());
         }
         let escapes = t.escapes as u32;
-        let mut launch = self.launcher.stream.launch_builder(&self.patch);
-        launch
-            .arg(&t.p)
-            .arg(&t.s)
-            .arg(&t.l)
-            .arg(&t.esc_pos)
-            .arg(&t.esc_exp)
-            .arg(&escapes)
-            .arg(routed)
-            .arg(&mode)
-            .arg(&t.cols)
-            .arg(&t.chunk_rows)
-            .arg(&t.segment)
-            .arg(out);
+        let st = &self.launcher.stream;
+        let mut args = RawArgs::default();
+        args.buffer(&t.p, st)
+            .buffer(&t.s, st)
+            .buffer(&t.l, st)
+            .buffer(&t.esc_pos, st)
+            .buffer(&t.esc_exp, st)
+            .value(escapes)
+            .buffer(routed, st)
+            .value(mode)
+            .value(t.cols)
+            .value(t.chunk_rows)
+            .value(t.segment)
+            .value(out.device_ptr_mut(st).0);
+        let config = grid((escapes.div_ceil(DECODE_THREADS), 1), DECODE_THREADS);
         // SAFETY: matches `jd_patch_escapes`; escape positions were validated by the format
         // reader and lie inside the `rows * cols` output checked above. Same stream, so it
         // runs after the decode.
-        unsafe { launch.launch(grid((escapes.div_ceil(DECODE_THREADS), 1), DECODE_THREADS)) }?;
+        unsafe { self.launcher.launch(&self.patch, config, &mut args, false) }?;
         Ok(())
     }
 
