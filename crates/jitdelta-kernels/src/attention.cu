@@ -232,3 +232,45 @@ extern "C" __global__ void jd_silu_mul_bf16(const u16* __restrict__ gate,
     const float g = bf16_to_f32(gate[i]);
     out[i] = f32_to_bf16(g / (1.f + expf(-g)) * bf16_to_f32(up[i]));
 }
+
+// Rotary embedding of a step's queries and keys, with its keys and values written into the KV
+// cache: one launch for what took candle seven (the q/k/v head transposes, two ropes, two cache
+// copies). qkv holds the q, k and v projections of the step's rows, each block row-major
+// (rows, heads or kv_heads, d), starting at elements q_off, k_off, v_off; cos_sin is
+// (2, rows, d/2): cos, then sin. Queries go to q_out as (heads, rows, d), the attention kernel's
+// layout; keys and values to position start + row of kv, a (2, kv_heads, capacity, d) buffer
+// (keys, then values). One block of d/2 threads per (row, head slot), slots: query heads, key
+// heads, value heads. Rotate-half form, each output rounded once:
+// bf16(x1 * c - x2 * s) and bf16(x1 * s + x2 * c), products exact in f32, the sum rounded to f32
+// (the _rn intrinsics keep it from being contracted into an fma).
+extern "C" __global__ void jd_rope_kv_bf16(const u16* __restrict__ qkv, u64 q_off, u64 k_off,
+                                           u64 v_off, const u16* __restrict__ cos_sin, u32 rows,
+                                           u32 heads, u32 kv_heads, u32 d, u32 capacity,
+                                           u32 start, u16* __restrict__ q_out,
+                                           u16* __restrict__ kv) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const u32 row = blockIdx.x, slot = blockIdx.y, i = threadIdx.x, half = d >> 1;
+    const u16* src;
+    u16* dst;
+    if (slot < heads) {
+        src = qkv + q_off + ((u64)row * heads + slot) * d;
+        dst = q_out + ((u64)slot * rows + row) * d;
+    } else if (slot < heads + kv_heads) {
+        const u32 h = slot - heads;
+        src = qkv + k_off + ((u64)row * kv_heads + h) * d;
+        dst = kv + ((u64)h * capacity + start + row) * d;
+    } else {
+        const u32 h = slot - heads - kv_heads;
+        src = qkv + v_off + ((u64)row * kv_heads + h) * d;
+        dst = kv + (u64)kv_heads * capacity * d + ((u64)h * capacity + start + row) * d;
+        dst[i] = src[i];
+        dst[i + half] = src[i + half];
+        return;
+    }
+    const float x1 = bf16_to_f32(src[i]), x2 = bf16_to_f32(src[i + half]);
+    const float c = bf16_to_f32(cos_sin[(u64)row * half + i]);
+    const float s = bf16_to_f32(cos_sin[((u64)rows + row) * half + i]);
+    dst[i] = f32_to_bf16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+    dst[i + half] = f32_to_bf16(__fadd_rn(__fmul_rn(x1, s), __fmul_rn(x2, c)));
+}

@@ -1,7 +1,8 @@
-//! Fused elementwise ops of a decoder block, one launch each where candle needs two: the
-//! residual add followed by the next RMSNorm, and SwiGLU's `silu(gate) * up`. The CUDA kernels
-//! (`gpu::DecoderKernels`, feature `cuda`) compute in f32 with BF16 in and out; this module holds
-//! their shape checks and the f64 CPU references they are tested against.
+//! Fused elementwise ops of a decoder block, one launch each where candle needs several: the
+//! residual add followed by the next RMSNorm, SwiGLU's `silu(gate) * up`, and the rotary
+//! embedding of queries and keys together with the KV-cache write ([`RopeKvShape`]). The CUDA
+//! kernels (`gpu::DecoderKernels`, feature `cuda`) compute in f32 with BF16 in and out; this
+//! module holds their shape checks and the CPU references they are tested against.
 //!
 //! Semantics, per row of `cols` elements:
 //! - add + RMSNorm: `s = bf16(x + y)` (the sum rounded to nearest even, as candle's BF16 add),
@@ -11,6 +12,9 @@
 //! - silu * up: `silu(g) * u` with `silu(g) = g / (1 + exp(-g))`, rounded once. In f32,
 //!   `exp(-g)` overflows for `g < -88.7`, where the kernel returns `-0 * u` for values the f64
 //!   reference keeps (below 1e-36 in magnitude); `silu(-inf)` is NaN in both.
+//! - rope + KV write: rotate-half rotary embedding, `y1 = x1 c - x2 s`, `y2 = x1 s + x2 c` over
+//!   the two halves of each head, the products exact in f32, each sum rounded to f32 and then
+//!   to BF16 (nearest even; NaN stays NaN). The reference computes the same bits.
 
 use crate::{Error, Result};
 use half::bf16;
@@ -78,6 +82,127 @@ pub fn silu_mul(gate: &[bf16], up: &[bf16]) -> Result<Vec<f64>> {
             g / (1.0 + (-g).exp()) * u.to_f64()
         })
         .collect())
+}
+
+/// Shapes of a rope + KV write ([`rope_kv`]): one step's `rows` new positions, stored at
+/// positions `start..start + rows` of a KV cache buffer with room for `kv_capacity`.
+///
+/// Layouts, all row-major BF16:
+/// - the input buffer holds the q, k and v projections as blocks `(rows, heads, head_dim)`,
+///   `(rows, kv_heads, head_dim)` twice, starting at [`RopeKvShape::offsets`]'s elements (a
+///   grouped GEMV's output, or three tensors packed one after the other);
+/// - `cos_sin` is `(2, rows, head_dim / 2)`: cos, then sin, of each row's position;
+/// - the rotated queries come out as `(heads, rows, head_dim)` (the attention kernel's `q`);
+/// - the cache buffer is `(2, kv_heads, kv_capacity, head_dim)`: keys (rotated), then values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeKvShape {
+    /// New positions.
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Elements per head (even; at most 2048, one thread per pair).
+    pub head_dim: usize,
+    /// Positions per head in the cache buffer.
+    pub kv_capacity: usize,
+    /// The position of the first new row.
+    pub start: usize,
+    /// Element offsets of the q, k and v blocks in the input buffer.
+    pub offsets: [usize; 3],
+}
+
+impl RopeKvShape {
+    /// Largest head dimension: its pairs are one block of at most 1024 threads.
+    pub const MAX_HEAD_DIM: usize = 2048;
+
+    /// Checks the shape and that an input buffer of `input_len` elements holds the three
+    /// blocks.
+    pub fn check(&self, input_len: usize) -> Result<()> {
+        let bad = |why: &str| Err(Error::Shape(format!("rope + KV write {self:?}: {why}")));
+        if self.rows == 0 || self.heads == 0 || self.kv_heads == 0 {
+            return bad("rows, heads and kv_heads must be > 0");
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > Self::MAX_HEAD_DIM {
+            return bad("head_dim must be even, from 2 to 2048");
+        }
+        if self
+            .start
+            .checked_add(self.rows)
+            .is_none_or(|end| end > self.kv_capacity)
+        {
+            return bad("positions start..start + rows must fit the capacity");
+        }
+        let (q, kv) = self.block_lens();
+        let fits = |at: usize, len: usize| at.checked_add(len).is_some_and(|e| e <= input_len);
+        let [qo, ko, vo] = self.offsets;
+        if !(fits(qo, q) && fits(ko, kv) && fits(vo, kv)) {
+            return bad(&format!("blocks past the input's {input_len} elements"));
+        }
+        Ok(())
+    }
+
+    /// Elements of the q block (= of the rotated queries) and of the k (= v) block.
+    pub fn block_lens(&self) -> (usize, usize) {
+        (
+            self.rows * self.heads * self.head_dim,
+            self.rows * self.kv_heads * self.head_dim,
+        )
+    }
+
+    /// Elements of `cos_sin` and of the cache buffer.
+    pub fn table_and_cache_lens(&self) -> (usize, usize) {
+        (
+            self.rows * self.head_dim,
+            2 * self.kv_heads * self.kv_capacity * self.head_dim,
+        )
+    }
+}
+
+/// The CPU reference of the rope + KV write: returns the rotated queries and writes the new
+/// keys and values into `cache` (other positions untouched), bit for bit as the kernel.
+pub fn rope_kv(
+    s: &RopeKvShape,
+    input: &[bf16],
+    cos_sin: &[bf16],
+    cache: &mut [bf16],
+) -> Result<Vec<bf16>> {
+    s.check(input.len())?;
+    let (table_len, cache_len) = s.table_and_cache_lens();
+    if cos_sin.len() != table_len || cache.len() != cache_len {
+        return Err(Error::Shape(format!(
+            "rope + KV write {s:?}: cos_sin of {}, cache of {} elements",
+            cos_sin.len(),
+            cache.len()
+        )));
+    }
+    let (d, half, rows) = (s.head_dim, s.head_dim / 2, s.rows);
+    let rotate = |x: &[bf16], row: usize, out: &mut [bf16]| {
+        for i in 0..half {
+            let (x1, x2) = (x[i].to_f32(), x[i + half].to_f32());
+            let c = cos_sin[row * half + i].to_f32();
+            let sn = cos_sin[(rows + row) * half + i].to_f32();
+            out[i] = bf16::from_f32(x1 * c - x2 * sn);
+            out[i + half] = bf16::from_f32(x1 * sn + x2 * c);
+        }
+    };
+    let [qo, ko, vo] = s.offsets;
+    let mut q_out = vec![bf16::ZERO; s.block_lens().0];
+    let values_at = s.kv_heads * s.kv_capacity * d;
+    for row in 0..rows {
+        for h in 0..s.heads {
+            let x = &input[qo + (row * s.heads + h) * d..][..d];
+            rotate(x, row, &mut q_out[(h * rows + row) * d..][..d]);
+        }
+        for h in 0..s.kv_heads {
+            let at = (h * s.kv_capacity + s.start + row) * d;
+            let k = &input[ko + (row * s.kv_heads + h) * d..][..d];
+            rotate(k, row, &mut cache[at..at + d]);
+            let v = &input[vo + (row * s.kv_heads + h) * d..][..d];
+            cache[values_at + at..values_at + at + d].copy_from_slice(v);
+        }
+    }
+    Ok(q_out)
 }
 
 #[cfg(test)]
@@ -154,5 +279,96 @@ mod tests {
             Err(Error::Shape(_))
         ));
         assert!(matches!(silu_mul(&v, &v[..5]), Err(Error::Shape(_))));
+    }
+
+    #[test]
+    fn rope_kv_rotates_pairs_and_writes_the_cache() {
+        // One row, one query head, one kv head, d = 4, written at position 1 of 3.
+        let s = RopeKvShape {
+            rows: 1,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 4,
+            kv_capacity: 3,
+            start: 1,
+            offsets: [0, 4, 8],
+        };
+        let input = bf(&[1.0, 2.0, 3.0, 4.0, 0.5, 0.0, -1.0, 8.0, 7.0, 6.0, 5.0, 4.0]);
+        // cos (0, 1), sin (1, 0): the first pair rotates by 90 degrees, the second not at all.
+        let cos_sin = bf(&[0.0, 1.0, 1.0, 0.0]);
+        let mut cache = vec![bf16::from_f32(9.0); 24];
+        let q = rope_kv(&s, &input, &cos_sin, &mut cache).unwrap();
+        assert_eq!(q, bf(&[-3.0, 2.0, 1.0, 4.0]));
+        assert_eq!(&cache[4..8], &bf(&[1.0, 0.0, 0.5, 8.0])[..]);
+        assert_eq!(&cache[16..20], &bf(&[7.0, 6.0, 5.0, 4.0])[..]);
+        // Other positions untouched.
+        assert!(cache[..4]
+            .iter()
+            .chain(&cache[8..16])
+            .all(|v| v.to_f32() == 9.0));
+    }
+
+    #[test]
+    fn rope_kv_rounds_the_f32_sum_once_to_bf16() {
+        let s = RopeKvShape {
+            rows: 1,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            kv_capacity: 1,
+            start: 0,
+            offsets: [0, 0, 0],
+        };
+        // x1 = c = 1 + 2^-7, x2 = -2^-8, s = 1: x1 c - x2 s = 1 + 2^-6 + 2^-8 + 2^-14, 2.51
+        // BF16 ulps above 1, so 1 + 3 * 2^-7. Rounding the product to BF16 first (1 + 2^-6)
+        // would leave a tie at 2.5 ulps and give 1 + 2^-6.
+        let x1 = 1.0 + 2f32.powi(-7);
+        let input = bf(&[x1, -(2f32.powi(-8))]);
+        let cos_sin = bf(&[x1, 1.0]);
+        let mut cache = vec![bf16::ZERO; 4];
+        let q = rope_kv(&s, &input, &cos_sin, &mut cache).unwrap();
+        assert_eq!(q[0].to_f32(), 1.0 + 3.0 * 2f32.powi(-7));
+        // x1 s + x2 c = 1 + 2^-8 - 2^-15: under half an ulp above 1.
+        assert_eq!(q[1].to_f32(), 1.0);
+        // Infinities and NaN propagate: inf * 0 is NaN.
+        let input = bf(&[f32::INFINITY, 1.0]);
+        let q = rope_kv(&s, &input, &bf(&[0.0, 1.0]), &mut cache).unwrap();
+        assert!(q[0].is_nan() && q[1].is_infinite());
+    }
+
+    #[test]
+    fn rope_kv_rejects_bad_shapes() {
+        let ok = RopeKvShape {
+            rows: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            kv_capacity: 4,
+            start: 2,
+            offsets: [0, 64, 96],
+        };
+        assert!(ok.check(128).is_ok());
+        let bad = [
+            RopeKvShape { start: 3, ..ok },
+            RopeKvShape { head_dim: 7, ..ok },
+            RopeKvShape { kv_heads: 0, ..ok },
+            RopeKvShape {
+                offsets: [0, 64, 97],
+                ..ok
+            },
+            RopeKvShape {
+                offsets: [usize::MAX, 64, 96],
+                ..ok
+            },
+        ];
+        for s in bad {
+            assert!(matches!(s.check(128), Err(Error::Shape(_))), "{s:?}");
+        }
+        let mut cache = vec![bf16::ZERO; 2 * 2 * 4 * 8];
+        let table = vec![bf16::ONE; 16];
+        let input = vec![bf16::ONE; 128];
+        assert!(rope_kv(&ok, &input, &table, &mut cache).is_ok());
+        assert!(rope_kv(&ok, &input, &table[..15], &mut cache).is_err());
+        assert!(rope_kv(&ok, &input, &table, &mut cache[..127]).is_err());
     }
 }

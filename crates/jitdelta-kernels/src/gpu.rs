@@ -1,7 +1,7 @@
 //! The CUDA side: kernels compiled at run time with NVRTC, tensors held on the device.
 
 use crate::attention::AttentionShape;
-use crate::decoder_ops;
+use crate::decoder_ops::{self, RopeKvShape};
 use crate::device_layout::DeviceLayout;
 use crate::reference::ChunkSelection;
 use crate::{Error, Result};
@@ -588,6 +588,7 @@ pub struct DecoderKernels {
     attention_merge: CudaFunction,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
+    rope_kv: CudaFunction,
 }
 
 impl DecoderKernels {
@@ -599,6 +600,7 @@ impl DecoderKernels {
             attention_merge: module.load_function("jd_attention_merge_bf16")?,
             add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
             silu_mul: module.load_function("jd_silu_mul_bf16")?,
+            rope_kv: module.load_function("jd_rope_kv_bf16")?,
             launcher: Launcher::new(stream)?,
         })
     }
@@ -761,6 +763,48 @@ impl DecoderKernels {
             self.launcher
                 .launch(&self.silu_mul, config, &mut args, true)
         }?;
+        Ok(())
+    }
+}
+
+impl DecoderKernels {
+    /// Rotary embedding of one step's queries and keys, its keys and values written into a KV
+    /// cache buffer: one launch (layouts and semantics in [`decoder_ops::RopeKvShape`]).
+    pub fn rope_kv(
+        &self,
+        shape: &RopeKvShape,
+        input: &CudaView<'_, bf16>,
+        cos_sin: &CudaView<'_, bf16>,
+        q_out: &mut CudaViewMut<'_, bf16>,
+        cache: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        shape.check(input.len())?;
+        let (table_len, cache_len) = shape.table_and_cache_lens();
+        check_out(cos_sin.len(), table_len)?;
+        check_out(q_out.len(), shape.block_lens().0)?;
+        check_out(cache.len(), cache_len)?;
+        let dim = |v: usize| to_u32(v, "rope dimension");
+        let slots = dim(shape.heads + 2 * shape.kv_heads)?;
+        let st = &self.launcher.stream;
+        let mut args = RawArgs::default();
+        args.buffer(input, st);
+        for offset in shape.offsets {
+            args.value(offset as u64);
+        }
+        args.buffer(cos_sin, st)
+            .value(dim(shape.rows)?)
+            .value(dim(shape.heads)?)
+            .value(dim(shape.kv_heads)?)
+            .value(dim(shape.head_dim)?)
+            .value(dim(shape.kv_capacity)?)
+            .value(dim(shape.start)?)
+            .value(q_out.device_ptr_mut(st).0)
+            .value(cache.device_ptr_mut(st).0);
+        let config = grid((dim(shape.rows)?, slots), dim(shape.head_dim / 2)?);
+        // SAFETY: matches `jd_rope_kv_bf16`; the check above puts every block the kernel reads
+        // inside `input` and every position it writes inside the capacity, and the lengths of
+        // the table, the queries and the cache buffer are checked.
+        unsafe { self.launcher.launch(&self.rope_kv, config, &mut args, true) }?;
         Ok(())
     }
 }

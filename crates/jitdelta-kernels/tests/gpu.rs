@@ -859,6 +859,123 @@ fn fused_ops_reject_bad_lengths() {
     ));
 }
 
+/// Runs the rope + KV write on `cache` (uploaded as given) into poisoned queries; returns the
+/// queries and the cache after the write.
+fn rope_kv_on_gpu(
+    a: &DecoderKernels,
+    shape: &decoder_ops::RopeKvShape,
+    input: &[bf16],
+    cos_sin: &[bf16],
+    cache: &[bf16],
+) -> (Vec<bf16>, Vec<bf16>) {
+    let st = a.stream();
+    let (din, dtab) = (
+        st.clone_htod(input).unwrap(),
+        st.clone_htod(cos_sin).unwrap(),
+    );
+    let mut dcache = st.clone_htod(cache).unwrap();
+    let n = shape.block_lens().0;
+    let mut q = poisoned(st, n);
+    a.rope_kv(
+        shape,
+        &din.as_view(),
+        &dtab.as_view(),
+        &mut q.slice_mut(..n),
+        &mut dcache.as_view_mut(),
+    )
+    .unwrap();
+    (
+        st.clone_dtoh(&q.slice(..n)).unwrap(),
+        st.clone_dtoh(&dcache).unwrap(),
+    )
+}
+
+/// Bit-exact against the reference over head sizes, GQA ratios, offsets inside a larger input
+/// (a grouped GEMV's output) and every bit-pattern class in queries, keys, values and the
+/// tables; the cache's other positions must keep their bits.
+#[test]
+fn rope_kv_matches_reference_bit_for_bit() {
+    let a = decoder_kernels();
+    for (rows, heads, kv_heads, d, capacity, start) in [
+        (1, 32, 8, 128, 256, 17),
+        (5, 9, 3, 64, 40, 35),
+        (3, 4, 4, 256, 3, 0),
+        (8, 2, 1, 2048, 9, 1),
+        (2, 6, 2, 6, 4, 2),
+    ] {
+        let (qn, kvn) = (rows * heads * d, rows * kv_heads * d);
+        // The blocks out of order and apart, inside a larger buffer.
+        let offsets = [kvn + 7, 3, 2 * kvn + qn + 11];
+        let shape = decoder_ops::RopeKvShape {
+            rows,
+            heads,
+            kv_heads,
+            head_dim: d,
+            kv_capacity: capacity,
+            start,
+            offsets,
+        };
+        let seed = (rows * 1000 + d) as u64;
+        let mut input = scaled_bf16(offsets[2] + kvn + 5, seed, 4.0);
+        let specials = random_bits(input.len() / 7, seed + 1);
+        for (i, v) in specials.into_iter().enumerate() {
+            input[i * 7 + 3] = v;
+        }
+        let mut cos_sin = scaled_bf16(rows * d, seed + 2, 1.0);
+        cos_sin[0] = bf16::NAN;
+        cos_sin[rows * d - 1] = bf16::INFINITY;
+        // A value no write produces here, so an untouched position shows as itself.
+        let cache = vec![bf16::from_bits(0x1234); 2 * kv_heads * capacity * d];
+        let mut want_cache = cache.clone();
+        let want_q = decoder_ops::rope_kv(&shape, &input, &cos_sin, &mut want_cache).unwrap();
+        let (q, got_cache) = rope_kv_on_gpu(&a, &shape, &input, &cos_sin, &cache);
+        assert_same_bits(&q, &want_q, &format!("queries of {shape:?}"));
+        assert_same_bits(&got_cache, &want_cache, &format!("cache of {shape:?}"));
+    }
+}
+
+#[test]
+fn rope_kv_rejects_bad_shapes() {
+    let a = decoder_kernels();
+    let st = a.stream();
+    let ok = decoder_ops::RopeKvShape {
+        rows: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        kv_capacity: 4,
+        start: 2,
+        offsets: [0, 64, 96],
+    };
+    let input = st.clone_htod(&bf16s(128, 1.0)).unwrap();
+    let table = st.clone_htod(&bf16s(16, 1.0)).unwrap();
+    let mut q = poisoned(st, 64);
+    let mut cache = poisoned(st, 128);
+    let mut run =
+        |s: &decoder_ops::RopeKvShape, input_len: usize, q_len: usize, cache_len: usize| {
+            a.rope_kv(
+                s,
+                &input.slice(..input_len),
+                &table.as_view(),
+                &mut q.slice_mut(..q_len),
+                &mut cache.slice_mut(..cache_len),
+            )
+        };
+    assert!(run(&ok, 128, 64, 128).is_ok());
+    for (s, input_len, q_len, cache_len) in [
+        (ok, 127, 64, 128),
+        (ok, 128, 63, 128),
+        (ok, 128, 64, 127),
+        (decoder_ops::RopeKvShape { start: 3, ..ok }, 128, 64, 128),
+        (decoder_ops::RopeKvShape { head_dim: 7, ..ok }, 128, 64, 128),
+    ] {
+        assert!(
+            matches!(run(&s, input_len, q_len, cache_len), Err(Error::Shape(_))),
+            "{s:?} {input_len} {q_len} {cache_len}"
+        );
+    }
+}
+
 /// A decode step's chain on one stream: add + RMSNorm, then a GEMV of its output, whose output
 /// the next norm adds, and so on, with grouped and single launches and both size classes. With
 /// programmatic dependent launch each kernel starts before the one that feeds it has finished,

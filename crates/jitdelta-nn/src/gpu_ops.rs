@@ -2,17 +2,25 @@
 //! candle needs several: decode attention (single-token steps and speculative verify blocks,
 //! each query row computed on its own so a verify block is bit-identical to single-token steps;
 //! the per-position loop of candle ops it replaces cost one attention per row), the residual add
-//! fused with the next RMSNorm, and SwiGLU's `silu(gate) * up`. Every op returns `None` where its
-//! kernel does not apply, and the caller runs candle's ops.
+//! fused with the next RMSNorm, SwiGLU's `silu(gate) * up`, and the rotary embedding of queries
+//! and keys with the KV-cache write. Every op but the last returns `None` where its kernel does
+//! not apply, and the caller runs candle's ops; the decoder asks [`FusedOps::rope_applies`]
+//! before a forward pass whether to use the last.
 
+use crate::kv_cache::KvBlock;
+use crate::KvCache;
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout, Shape,
+    Storage, Tensor,
 };
 use half::bf16;
 use jitdelta_kernels::attention::AttentionShape;
+use jitdelta_kernels::decoder_ops::RopeKvShape;
 use jitdelta_kernels::gpu::DecoderKernels;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The decoder kernels, compiled on first use.
 #[derive(Default)]
@@ -109,6 +117,122 @@ impl FusedOps {
         };
         Ok(Some(gate.apply_op2_no_bwd(up, &op)?))
     }
+}
+
+impl FusedOps {
+    /// Whether [`FusedOps::rope_kv`] runs the forward passes of a model on `device` in `dtype`
+    /// at `batch` with heads of `head_dim`: BF16 on CUDA, batch 1.
+    pub(crate) fn rope_applies(
+        device: &Device,
+        dtype: DType,
+        batch: usize,
+        head_dim: usize,
+    ) -> bool {
+        device.is_cuda()
+            && dtype == DType::BF16
+            && batch == 1
+            && head_dim % 2 == 0
+            && head_dim <= RopeKvShape::MAX_HEAD_DIM
+    }
+
+    /// Rotary embedding of the projections `q` `(1, rows, heads * d)`, `k` and `v`
+    /// `(1, rows, kv_heads * d)` with the table `cos_sin` ([`super::models`]' `cos_sin_bf16`),
+    /// the keys and values appended to layer `layer` of `cache` in the same launch. Returns the
+    /// queries `(1, heads, rows, d)` and the layer's keys and values as
+    /// [`KvCache::append`] does. `q`, `k` and `v` are read in place when they lie in one buffer
+    /// (a grouped GEMV's output), else packed into one first.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope_kv(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos_sin: &Tensor,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> crate::Result<(Tensor, Tensor, Tensor)> {
+        let (_, rows, _) = q.dims3()?;
+        let (q_len, kv_len) = (rows * heads * head_dim, rows * kv_heads * head_dim);
+        if q.elem_count() != q_len || k.elem_count() != kv_len || v.elem_count() != kv_len {
+            return Err(crate::Error::InvalidInput(format!(
+                "rope: q {:?}, k {:?}, v {:?} for {heads} and {kv_heads} heads of {head_dim}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        let (input, offsets) = match one_buffer([q, k, v])? {
+            Some(offsets) => (q.clone(), offsets),
+            None => {
+                let flat = [q, k, v].map(|t| t.flatten_all());
+                let [fq, fk, fv] = flat;
+                (
+                    Tensor::cat(&[fq?, fk?, fv?], 0)?,
+                    [0, q_len, q_len + kv_len],
+                )
+            }
+        };
+        let kernels = self.kernels(q.device())?;
+        let block = KvBlock {
+            dims: [1, kv_heads, rows, head_dim],
+            dtype: q.dtype(),
+            device: q.device(),
+        };
+        let q_out = Mutex::new(None);
+        let (k, v) = cache.append_with(layer, block, |kv, start| {
+            let op = RopeKv {
+                kernels,
+                shape: RopeKvShape {
+                    rows,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    kv_capacity: kv.dim(3)?,
+                    start,
+                    offsets,
+                },
+                q_out: &q_out,
+            };
+            Ok(kv.inplace_op3(&input, cos_sin, &op)?)
+        })?;
+        let Some(q) = q_out.into_inner().ok().flatten() else {
+            return Err(crate::Error::InvalidInput(
+                "rope: the kernel left no queries".into(),
+            ));
+        };
+        let dev = input.device().as_cuda_device()?.clone();
+        let q = Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(q, dev)),
+            (1, heads, rows, head_dim),
+            BackpropOp::none(),
+            false,
+        );
+        Ok((q, k, v))
+    }
+}
+
+/// The element offsets of `tensors` in their common buffer, if they are contiguous BF16 CUDA
+/// tensors in one buffer.
+fn one_buffer<const N: usize>(tensors: [&Tensor; N]) -> candle_core::Result<Option<[usize; N]>> {
+    let mut base = None;
+    let mut offsets = [0; N];
+    for (t, offset) in tensors.iter().zip(&mut offsets) {
+        let (storage, layout) = t.storage_and_layout();
+        let (Storage::Cuda(s), Some((start, _))) = (&*storage, layout.contiguous_offsets()) else {
+            return Ok(None);
+        };
+        if s.dtype() != DType::BF16 {
+            return Ok(None);
+        }
+        let slice = s.as_cuda_slice::<bf16>()?;
+        let (address, _sync) = slice.device_ptr(slice.stream());
+        if *base.get_or_insert(address) != address {
+            return Ok(None);
+        }
+        *offset = start;
+    }
+    Ok(Some(offsets))
 }
 
 /// Whether the fused elementwise kernels take these tensors: contiguous BF16 on CUDA.
@@ -219,6 +343,73 @@ impl CustomOp3 for DecodeAttention<'_> {
             CudaStorage::wrap_cuda_slice(y, dev),
             Shape::from((s.rows, s.heads, s.head_dim)),
         ))
+    }
+}
+
+/// The rope + KV write as an in-place op on the layer's cache buffer, with the projections and
+/// the table as inputs; it leaves the rotated queries in `q_out`.
+struct RopeKv<'a> {
+    kernels: &'a DecoderKernels,
+    shape: RopeKvShape,
+    q_out: &'a Mutex<Option<CudaSlice<bf16>>>,
+}
+
+impl InplaceOp3 for RopeKv<'_> {
+    fn name(&self) -> &'static str {
+        "jitdelta-rope-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("the fused rope kernel runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        cache: &mut CudaStorage,
+        cache_l: &Layout,
+        input: &CudaStorage,
+        _: &Layout,
+        table: &CudaStorage,
+        table_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let Some((start, end)) = cache_l.contiguous_offsets() else {
+            candle_core::bail!(
+                "the fused rope needs a contiguous KV cache buffer, got {cache_l:?}"
+            );
+        };
+        let dev = input.device().clone();
+        // The whole buffer: the shape's offsets are from its start.
+        let input = input.as_cuda_slice::<bf16>()?.as_view();
+        let table = view(table, table_l)?;
+        let n = self.shape.block_lens().0;
+        // SAFETY: the kernel writes every query element (checked lengths, else an error).
+        let mut q = unsafe { dev.alloc::<bf16>(n) }?;
+        let cache = cache.as_cuda_slice_mut::<bf16>()?;
+        let Some(mut cache) = cache.try_slice_mut(start..end) else {
+            candle_core::bail!("the fused rope: cache elements {start}..{end} out of bounds");
+        };
+        self.kernels
+            .rope_kv(
+                &self.shape,
+                &input,
+                &table,
+                &mut q.as_view_mut(),
+                &mut cache,
+            )
+            .map_err(candle_core::Error::wrap)?;
+        *self
+            .q_out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("the fused rope panicked".into()))? = Some(q);
+        Ok(())
     }
 }
 

@@ -1,7 +1,7 @@
 //! A per-layer key/value cache that can be truncated (speculative decoding rolls back the
 //! tokens the verifier rejects).
 //!
-//! Each layer keeps its keys and values in buffers with room for more positions than it holds
+//! Each layer keeps its keys and values in one buffer with room for more positions than it holds
 //! and writes new positions in place, so a decoding step copies only its own positions instead
 //! of the whole cache (what appending with `Tensor::cat` did, every layer, every step).
 
@@ -23,13 +23,22 @@ pub struct KvCache {
     len: usize,
 }
 
-/// One layer's keys and values: buffers of shape `(batch, kv_heads, capacity, head_dim)` whose
-/// first `filled` positions hold data (past them: stale or zero positions, never returned).
+/// One layer's keys and values in one buffer of shape `(2, batch, kv_heads, capacity,
+/// head_dim)` (keys, then values: one buffer, so one in-place kernel can write both) whose first
+/// `filled` positions hold data (past them: stale or zero positions, never returned).
 #[derive(Debug)]
 struct Layer {
-    k: Tensor,
-    v: Tensor,
+    kv: Tensor,
     filled: usize,
+}
+
+/// The shape, dtype and device of the keys (= of the values) a forward pass appends to a layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KvBlock<'a> {
+    /// `(batch, kv_heads, new positions, head_dim)`.
+    pub dims: [usize; 4],
+    pub dtype: candle_core::DType,
+    pub device: &'a candle_core::Device,
 }
 
 impl KvCache {
@@ -97,10 +106,6 @@ impl KvCache {
         k: Tensor,
         v: Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let slot = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| Error::InvalidInput(format!("KV cache has no layer {layer}")))?;
         if k.dims() != v.dims() || k.rank() != 4 {
             return Err(Error::InvalidInput(format!(
                 "KV cache layer {layer}: keys {:?} and values {:?} are not one \
@@ -109,11 +114,38 @@ impl KvCache {
                 v.dims()
             )));
         }
+        let block = KvBlock {
+            dims: [k.dims()[0], k.dims()[1], k.dims()[2], k.dims()[3]],
+            dtype: k.dtype(),
+            device: k.device(),
+        };
+        let both = Tensor::stack(&[k.contiguous()?, v.contiguous()?], 0)?;
+        self.append_with(layer, block, |kv, start| Ok(kv.slice_set(&both, 3, start)?))
+    }
+
+    /// Appends a block of `block.dims` positions to layer `layer` that `write` puts in place:
+    /// it gets the layer's buffer, `(2, batch, kv_heads, capacity, head_dim)` (keys, then
+    /// values), and the position to write at, with room for the block. Returns the layer's
+    /// keys and values as [`KvCache::append`] does. Lets one kernel write keys and values
+    /// straight into the cache.
+    pub(crate) fn append_with(
+        &mut self,
+        layer: usize,
+        block: KvBlock<'_>,
+        write: impl FnOnce(&Tensor, usize) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::InvalidInput(format!("KV cache has no layer {layer}")))?;
         let state = match slot {
             Some(state) => state,
-            None => slot.insert(Layer::with_capacity(&k, &v, capacity_for(k.dims()[2], 0))?),
+            None => slot.insert(Layer::with_capacity(
+                &block,
+                capacity_for(block.dims[2], 0),
+            )?),
         };
-        state.append(&k, &v)
+        state.append_with(&block, write)
     }
 
     /// Records that a forward pass added `n` positions to every layer.
@@ -123,47 +155,63 @@ impl KvCache {
 }
 
 impl Layer {
-    /// Empty buffers shaped like `k` and `v` with room for `capacity` positions.
-    fn with_capacity(k: &Tensor, v: &Tensor, capacity: usize) -> Result<Self> {
+    /// An empty buffer for blocks like `block` with room for `capacity` positions.
+    fn with_capacity(block: &KvBlock<'_>, capacity: usize) -> Result<Self> {
+        let [b, heads, _, d] = block.dims;
         Ok(Self {
-            k: buffer(k, capacity)?,
-            v: buffer(v, capacity)?,
+            kv: Tensor::zeros((2, b, heads, capacity, d), block.dtype, block.device)?,
             filled: 0,
         })
     }
 
     fn capacity(&self) -> usize {
-        self.k.dims()[2]
+        self.kv.dims()[3]
     }
 
-    /// Writes `k`, `v` after the filled positions (growing first if they do not fit) and
-    /// returns views of the filled positions.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (start, end) = (self.filled, self.filled + k.dims()[2]);
-        if self.k.dims()[..2] != k.dims()[..2] || self.k.dims()[3] != k.dims()[3] {
+    /// Lets `write` put `block` after the filled positions (growing first if it does not fit)
+    /// and returns views of the filled keys and values.
+    fn append_with(
+        &mut self,
+        block: &KvBlock<'_>,
+        write: impl FnOnce(&Tensor, usize) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
+        let [b, heads, new, d] = block.dims;
+        let held = self.kv.dims();
+        if held[1..3] != [b, heads] || held[4] != d || self.kv.dtype() != block.dtype {
             return Err(Error::InvalidInput(format!(
-                "KV cache holds shape {:?}, appending {:?}",
-                self.k.dims(),
-                k.dims()
+                "KV cache holds keys (batch, kv_heads, _, head_dim) = {:?} of {:?}, appending \
+                 {:?} of {:?}",
+                [held[1], held[2], held[3], held[4]],
+                self.kv.dtype(),
+                block.dims,
+                block.dtype
             )));
         }
+        let (start, end) = (self.filled, self.filled + new);
         if end > self.capacity() {
             self.grow(end)?;
         }
-        self.k.slice_set(&k.contiguous()?, 2, start)?;
-        self.v.slice_set(&v.contiguous()?, 2, start)?;
+        write(&self.kv, start)?;
         self.filled = end;
-        Ok((self.k.narrow(2, 0, end)?, self.v.narrow(2, 0, end)?))
+        Ok((
+            self.kv.get(0)?.narrow(2, 0, end)?,
+            self.kv.get(1)?.narrow(2, 0, end)?,
+        ))
     }
 
-    /// Moves to buffers with room for at least `needed` positions.
+    /// Moves to a buffer with room for at least `needed` positions.
     fn grow(&mut self, needed: usize) -> Result<()> {
         let capacity = capacity_for(needed, self.capacity());
-        let mut grown = Self::with_capacity(&self.k, &self.v, capacity)?;
-        // The old buffers are contiguous: their filled prefix goes over in one copy each (with
-        // the stale tail past it, if any, which stays unread).
-        grown.k.slice_set(&self.k, 2, 0)?;
-        grown.v.slice_set(&self.v, 2, 0)?;
+        let [_, b, heads, _, d] = self.kv.dims5()?.into();
+        let block = KvBlock {
+            dims: [b, heads, 0, d],
+            dtype: self.kv.dtype(),
+            device: self.kv.device(),
+        };
+        let mut grown = Self::with_capacity(&block, capacity)?;
+        // The old buffer is contiguous: its filled prefix goes over in one copy (with the stale
+        // tail past it, if any, which stays unread).
+        grown.kv.slice_set(&self.kv, 3, 0)?;
         grown.filled = self.filled;
         *self = grown;
         Ok(())
@@ -171,8 +219,7 @@ impl Layer {
 
     fn try_clone(&self) -> Result<Self> {
         Ok(Self {
-            k: self.k.copy()?,
-            v: self.v.copy()?,
+            kv: self.kv.copy()?,
             filled: self.filled,
         })
     }
@@ -183,14 +230,6 @@ impl Layer {
 /// [`MIN_CAPACITY`], exactly `needed` where one block (a long prompt) asks for more.
 fn capacity_for(needed: usize, current: usize) -> usize {
     needed.max(2 * current).max(MIN_CAPACITY)
-}
-
-/// A zeroed buffer shaped like `t` (`(batch, kv_heads, _, head_dim)`) with `capacity`
-/// positions, on its device and in its dtype.
-fn buffer(t: &Tensor, capacity: usize) -> Result<Tensor> {
-    let mut dims = t.dims().to_vec();
-    dims[2] = capacity;
-    Ok(Tensor::zeros(dims, t.dtype(), t.device())?)
 }
 
 #[cfg(test)]
@@ -312,6 +351,36 @@ mod tests {
         assert!(c.cache.is_empty() && c.cache.layers.iter().all(Option::is_none));
         c.concat.iter_mut().for_each(|kv| *kv = None);
         c.append(1, 0.0);
+    }
+
+    /// A writer gets the layer's whole buffer and the first new position, after any growth; a
+    /// writer's error leaves the layer as it was.
+    #[test]
+    fn append_with_hands_the_writer_the_buffer_and_position() {
+        let mut c = Checked::new(1);
+        c.append(MIN_CAPACITY - 1, 0.0);
+        let block = |n| KvBlock {
+            dims: [2, 3, n, 4],
+            dtype: DType::F32,
+            device: &Device::Cpu,
+        };
+        let failed = c.cache.append_with(0, block(5), |kv, start| {
+            assert_eq!(
+                (kv.dims(), start),
+                (&[2, 2, 3, 2 * MIN_CAPACITY, 4][..], MIN_CAPACITY - 1)
+            );
+            Err(Error::InvalidInput("writer failed".into()))
+        });
+        assert!(matches!(failed, Err(Error::InvalidInput(_))));
+        assert_eq!(c.cache.layers[0].as_ref().unwrap().filled, MIN_CAPACITY - 1);
+        // The next block lands where the failed one would have.
+        c.append(2, 0.5);
+        let wrong = KvBlock {
+            dtype: DType::BF16,
+            ..block(1)
+        };
+        assert!(c.cache.append_with(0, wrong, |_, _| Ok(())).is_err());
+        assert!(c.cache.append_with(1, block(1), |_, _| Ok(())).is_err());
     }
 
     #[test]

@@ -60,3 +60,68 @@ fn routed_layers_follow_their_routes_on_the_gpu() {
         );
     }
 }
+
+/// Logits of `ids` run as a prompt of `prompt` tokens followed by single-token steps, one
+/// row per position past the prompt; and the same positions run as one block after the
+/// prompt (a speculative verify pass).
+fn steps_and_block(model: &dyn CausalLm, ids: &[u32], prompt: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = |t: candle_core::Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let mut cache = model.new_cache();
+    model
+        .forward_ids(&ids[..prompt], 0, &mut cache, Logits::Last)
+        .unwrap();
+    let mut steps = Vec::new();
+    for i in prompt..ids.len() {
+        let out = model
+            .forward_ids(&ids[i..=i], i, &mut cache, Logits::Last)
+            .unwrap();
+        steps.extend(rows(out));
+    }
+    let mut cache = model.new_cache();
+    model
+        .forward_ids(&ids[..prompt], 0, &mut cache, Logits::Last)
+        .unwrap();
+    let block = model
+        .forward_ids(&ids[prompt..], prompt, &mut cache, Logits::All)
+        .unwrap();
+    (steps, rows(block))
+}
+
+/// The CUDA decoder's fused rope + KV write (the q/k/v projections in one buffer for the
+/// grouped GEMV, packed from three tensors for Qwen2's biased projections): single-token steps
+/// match the CPU model's logits (a misplaced position or head would not), and a block of
+/// positions gives the steps' logits bit for bit, as greedy speculative decoding needs.
+#[test]
+fn fused_rope_steps_match_the_cpu_and_blocks_match_steps() {
+    let ids = [1u32, 5, 9, 3, 7, 2, 11, 4, 8, 6];
+    for tiny in [Tiny::LLAMA, Tiny::QWEN2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        tiny.write(&dir, &tiny.tensors(5), &tiny.config());
+        let jd = compress(&dir);
+        let run = |device: &candle_core::Device| {
+            let source = JitSource::open(&jd, device, JitOptions::default()).unwrap();
+            let model = jitdelta_nn::models::load_causal_lm(&source).unwrap();
+            steps_and_block(model.as_ref(), &ids, 4)
+        };
+        let (cpu, _) = run(&candle_core::Device::Cpu);
+        let (steps, block) = run(&jitdelta_nn::cuda_device(0).unwrap());
+        let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&steps, &cpu);
+        eprintln!(
+            "qkv bias {}: steps vs CPU max diff {diff} (max |logit| {scale})",
+            tiny.qkv_bias
+        );
+        assert!(
+            diff <= 0.05 * scale,
+            "steps differ from the CPU: {diff} of {scale}"
+        );
+        for (g, c) in steps.chunks(tiny.vocab).zip(cpu.chunks(tiny.vocab)) {
+            assert_eq!(argmax(g), argmax(c), "greedy token differs from the CPU's");
+        }
+        assert!(
+            bit_identical(&steps, &block),
+            "a block's logits differ from single steps'"
+        );
+    }
+}

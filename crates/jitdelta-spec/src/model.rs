@@ -35,14 +35,6 @@ impl<'m> SelfSpec<'m> {
             target: model.new_cache(),
         }
     }
-
-    fn input(&self, tokens: &[u32]) -> Result<Tensor> {
-        Ok(Tensor::from_slice(
-            tokens,
-            (1, tokens.len()),
-            self.model.device(),
-        )?)
-    }
 }
 
 /// Root mean square of the last position of a `(1, seq, hidden)` activation, as a rank-0 f32
@@ -58,11 +50,13 @@ fn last_rms(h: &Tensor) -> Result<Tensor> {
 
 impl SpecModel for SelfSpec<'_> {
     fn draft(&mut self, tokens: &[u32], sampling: &Sampling) -> Result<DraftRow> {
-        let input = self.input(tokens)?;
         self.mode.set_mode(Mode::Draft);
-        let out =
-            self.model
-                .forward_with_hidden(&input, self.draft.len(), &mut self.draft, Logits::Last);
+        let out = self.model.forward_ids_with_hidden(
+            tokens,
+            self.draft.len(),
+            &mut self.draft,
+            Logits::Last,
+        );
         self.mode.set_mode(Mode::Exact);
         let out = out?;
         let layers = out.hidden.len();
@@ -83,11 +77,10 @@ impl SpecModel for SelfSpec<'_> {
         rows: usize,
         sampling: &Sampling,
     ) -> Result<Vec<TargetRow>> {
-        let input = self.input(tokens)?;
         self.mode.set_mode(Mode::Exact);
         let logits =
             self.model
-                .forward(&input, self.target.len(), &mut self.target, Logits::All)?;
+                .forward_ids(tokens, self.target.len(), &mut self.target, Logits::All)?;
         let rows = rows.clamp(1, tokens.len());
         let logits = logits.squeeze(0)?.narrow(0, tokens.len() - rows, rows)?;
         if sampling.is_greedy() {

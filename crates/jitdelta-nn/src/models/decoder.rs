@@ -166,6 +166,49 @@ impl Decoder {
         logits: Logits,
         collect_hidden: bool,
     ) -> Result<ForwardOutput> {
+        if tokens.elem_count() > 0 {
+            // A read of the device's result: it waits for the work queued before.
+            self.check_token(tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?)?;
+        }
+        self.forward_checked(tokens, offset, cache, logits, collect_hidden)
+    }
+
+    /// [`Decoder::forward`] for token ids on the host (batch 1): they are checked there, so
+    /// the pass queues its work without waiting for the device.
+    pub(crate) fn forward_ids(
+        &self,
+        ids: &[u32],
+        offset: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        collect_hidden: bool,
+    ) -> Result<ForwardOutput> {
+        if let Some(&max) = ids.iter().max() {
+            self.check_token(max)?;
+        }
+        let tokens = Tensor::from_slice(ids, (1, ids.len()), &self.device)?;
+        self.forward_checked(&tokens, offset, cache, logits, collect_hidden)
+    }
+
+    fn check_token(&self, max: u32) -> Result<()> {
+        if max as usize >= self.cfg.vocab_size {
+            return Err(Error::InvalidInput(format!(
+                "token id {max} is outside the vocabulary ({} tokens)",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs tokens whose ids are known to be in the vocabulary.
+    fn forward_checked(
+        &self,
+        tokens: &Tensor,
+        offset: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        collect_hidden: bool,
+    ) -> Result<ForwardOutput> {
         let (_, seq) = tokens.dims2()?;
         if seq == 0 {
             return Err(Error::InvalidInput("no tokens to run".into()));
@@ -177,13 +220,6 @@ impl Decoder {
                 cache.len(),
                 cache.num_layers(),
                 self.blocks.len()
-            )));
-        }
-        let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max as usize >= self.cfg.vocab_size {
-            return Err(Error::InvalidInput(format!(
-                "token id {max} is outside the vocabulary ({} tokens)",
-                self.cfg.vocab_size
             )));
         }
         match self.run(tokens, offset, cache, logits, collect_hidden) {
@@ -213,8 +249,7 @@ impl Decoder {
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, seq, self.cfg.hidden_size))?
             .to_dtype(self.dtype)?;
-        let (cos, sin) = self.rope.cos_sin(offset, seq, &self.device)?;
-        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        let rope = self.rope_tables(b, offset, seq)?;
         // Per-position blocks attend without a mask.
         let mask = if per_position(seq, offset) {
             None
@@ -228,7 +263,7 @@ impl Decoder {
         let first_norm = self.blocks.first().map_or(&self.norm, |b| &b.input_norm);
         let mut h = candle_nn::ops::rms_norm(&x, first_norm, eps)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            let attn = self.attention(block, &h, l, cache, &cos, &sin, mask.as_ref())?;
+            let attn = self.attention(block, &h, l, cache, &rope, mask.as_ref())?;
             let (x_attn, h_attn) = self.add_rms_norm(&x, &attn, &block.post_norm, eps)?;
             let [gate, up] = forward_all([&block.gate, &block.up], &h_attn)?;
             let mlp = block.down.forward(&self.silu_mul(&gate, &up)?)?;
@@ -249,6 +284,30 @@ impl Decoder {
         Ok(ForwardOutput {
             logits: logits.to_dtype(DType::F32)?,
             hidden,
+        })
+    }
+
+    /// The rotary tables of positions `offset..offset + seq`, in the form this pass's
+    /// attention takes.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn rope_tables(&self, batch: usize, offset: usize, seq: usize) -> Result<RopeTables> {
+        #[cfg(feature = "cuda")]
+        if crate::gpu_ops::FusedOps::rope_applies(
+            &self.device,
+            self.dtype,
+            batch,
+            self.cfg.head_dim,
+        ) {
+            return Ok(RopeTables::Fused(self.rope.cos_sin_bf16(
+                offset,
+                seq,
+                &self.device,
+            )?));
+        }
+        let (cos, sin) = self.rope.cos_sin(offset, seq, &self.device)?;
+        Ok(RopeTables::Separate {
+            cos: cos.to_dtype(self.dtype)?,
+            sin: sin.to_dtype(self.dtype)?,
         })
     }
 
@@ -297,27 +356,35 @@ impl Decoder {
         ))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         block: &Block,
         x: &Tensor,
         layer: usize,
         cache: &mut KvCache,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         let (heads, kv_heads, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, seq, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
         let [q, k, v] = forward_all([&block.q, &block.k, &block.v], x)?;
-        let (q, k, v) = (split(q, heads)?, split(k, kv_heads)?, split(v, kv_heads)?);
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = cache.append(layer, k, v)?;
+        let (q, k, v) = match rope {
+            RopeTables::Separate { cos, sin } => {
+                let split = |t: Tensor, n: usize| -> Result<Tensor> {
+                    Ok(t.reshape((b, seq, n, d))?.transpose(1, 2)?.contiguous()?)
+                };
+                let (q, k, v) = (split(q, heads)?, split(k, kv_heads)?, split(v, kv_heads)?);
+                let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+                let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+                let (k, v) = cache.append(layer, k, v)?;
+                (q, k, v)
+            }
+            #[cfg(feature = "cuda")]
+            RopeTables::Fused(cos_sin) => {
+                self.fused
+                    .rope_kv(&q, &k, &v, cos_sin, (heads, kv_heads, d), cache, layer)?
+            }
+        };
         let offset = k.dim(2)? - seq;
         #[cfg(feature = "cuda")]
         if seq == 1 || per_position(seq, offset) {
@@ -372,6 +439,17 @@ impl Decoder {
             .transpose(1, 2)?
             .reshape((b, seq, heads * d))?)
     }
+}
+
+/// Rotary tables of one forward pass: `(seq, head_dim / 2)` cosines and sines in the model's
+/// dtype for candle's rope, or the fused kernel's packed BF16 table (CUDA, BF16, batch 1).
+enum RopeTables {
+    Separate {
+        cos: Tensor,
+        sin: Tensor,
+    },
+    #[cfg(feature = "cuda")]
+    Fused(Tensor),
 }
 
 /// Longest block attended position by position (see `attention`): speculative verify passes.

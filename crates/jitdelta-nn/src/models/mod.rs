@@ -35,6 +35,29 @@ macro_rules! decoder_causal_lm {
             ) -> Result<ForwardOutput> {
                 self.decoder.forward(tokens, offset, cache, logits, true)
             }
+
+            fn forward_ids(
+                &self,
+                ids: &[u32],
+                offset: usize,
+                cache: &mut KvCache,
+                logits: Logits,
+            ) -> Result<Tensor> {
+                Ok(self
+                    .decoder
+                    .forward_ids(ids, offset, cache, logits, false)?
+                    .logits)
+            }
+
+            fn forward_ids_with_hidden(
+                &self,
+                ids: &[u32],
+                offset: usize,
+                cache: &mut KvCache,
+                logits: Logits,
+            ) -> Result<ForwardOutput> {
+                self.decoder.forward_ids(ids, offset, cache, logits, true)
+            }
         }
     };
 }
@@ -123,7 +146,9 @@ pub trait CausalLm: Send + Sync {
         KvCache::new(self.info().num_layers)
     }
 
-    /// [`CausalLm::forward`] for one sequence of token ids (batch 1).
+    /// [`CausalLm::forward`] for one sequence of token ids (batch 1). The models here check
+    /// the ids on the host, where `forward` reads them back from the device (a wait for the
+    /// device each call).
     fn forward_ids(
         &self,
         ids: &[u32],
@@ -133,6 +158,19 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<Tensor> {
         let tokens = Tensor::from_slice(ids, (1, ids.len()), self.device())?;
         self.forward(&tokens, offset, cache, logits)
+    }
+
+    /// [`CausalLm::forward_with_hidden`] for one sequence of token ids, as
+    /// [`CausalLm::forward_ids`].
+    fn forward_ids_with_hidden(
+        &self,
+        ids: &[u32],
+        offset: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<ForwardOutput> {
+        let tokens = Tensor::from_slice(ids, (1, ids.len()), self.device())?;
+        self.forward_with_hidden(&tokens, offset, cache, logits)
     }
 }
 

@@ -74,15 +74,45 @@ impl Rope {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let angles: Vec<f32> = (offset..offset + len)
-            .flat_map(|p| self.inv_freq.iter().map(move |&f| p as f32 * f))
-            .collect();
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let (cos, sin) = self.angles(offset, len);
         Ok((
             Tensor::from_vec(cos, (len, half), device)?,
             Tensor::from_vec(sin, (len, half), device)?,
         ))
+    }
+
+    /// `cos` and `sin` as one BF16 tensor `(2, len, head_dim / 2)`, rounded on the host as
+    /// `cos_sin` followed by a cast to BF16 rounds them: the fused rope kernel's table, one
+    /// upload a forward pass.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cos_sin_bf16(
+        &self,
+        offset: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.angles(offset, len);
+        let packed: Vec<half::bf16> = cos
+            .into_iter()
+            .chain(sin)
+            .map(half::bf16::from_f32)
+            .collect();
+        Ok(Tensor::from_vec(
+            packed,
+            (2, len, self.inv_freq.len()),
+            device,
+        )?)
+    }
+
+    /// The cosines and sines of positions `offset..offset + len`, `(len, head_dim / 2)` each.
+    fn angles(&self, offset: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let angles: Vec<f32> = (offset..offset + len)
+            .flat_map(|p| self.inv_freq.iter().map(move |&f| p as f32 * f))
+            .collect();
+        (
+            angles.iter().map(|a| a.cos()).collect(),
+            angles.iter().map(|a| a.sin()).collect(),
+        )
     }
 }
 
