@@ -9,7 +9,8 @@
 # it is compressed to $WORK/model.jd for the JIT runs). Needs gpu-bin/jitdelta-cuda (the CLI
 # built with --features cuda; docs/gpu.md). One process per run; a short warm-up run first
 # (the driver caches candle's kernels). Writes $OUT/spec-bench.jsonl (one JSON line per run)
-# and prints per mode: tokens/s, speed-up over dense BF16, acceptance, passes per token, the
+# and prints per mode: decode tokens/s (first token to last: no prefill, no first-use kernel
+# compilation), speed-up over dense BF16, acceptance, passes per token, the
 # cost model's prediction (docs/speculative.md) and whether the ids equal plain Exact's.
 # PROMPTS=n uses the first n of the 3 built-in prompts (default 3).
 set -euo pipefail
@@ -63,9 +64,10 @@ import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 names = list(dict.fromkeys(r["run"] for r in runs))
 def totals(name):
+    # Decode rates: from the first token to the last, without the prefill and first-use costs.
     rs = [r for r in runs if r["run"] == name]
-    n = sum(len(r["token_ids"]) for r in rs)
-    t = sum(len(r["token_ids"]) / r["tokens_per_second"] for r in rs)
+    n = sum(len(r["token_ids"]) - 1 for r in rs)
+    t = sum((len(r["token_ids"]) - 1) / r["decode_tokens_per_second"] for r in rs)
     return rs, n, t
 _, n_dense, t_dense = totals("dense")
 _, n_exact, t_exact = totals("exact")

@@ -140,7 +140,12 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut stream = tokenizer.stream(true);
     let mut stdout = std::io::stdout().lock();
     let start = std::time::Instant::now();
+    // When the first and the latest token came: the decode rate leaves out the prefill and
+    // first-use costs (kernel compilation), which `tokens_per_second` includes.
+    let mut token_times: Option<(std::time::Instant, std::time::Instant)> = None;
     let on_token = |id| -> Result<(), Box<dyn std::error::Error>> {
+        let now = std::time::Instant::now();
+        token_times = Some(token_times.map_or((now, now), |(first, _)| (first, now)));
         if !args.json {
             if let Some(text) = stream.next_token(id)? {
                 stdout.write_all(text.as_bytes())?;
@@ -168,6 +173,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         ),
     };
     let secs = start.elapsed().as_secs_f64();
+    let (first_token_ms, decode_rate) = match token_times {
+        Some((first, last)) if ids.len() > 1 => (
+            (first - start).as_secs_f64() * 1e3,
+            Some((ids.len() - 1) as f64 / (last - first).as_secs_f64()),
+        ),
+        Some((first, _)) => ((first - start).as_secs_f64() * 1e3, None),
+        None => (0.0, None),
+    };
     if args.json {
         let text = tokenizer.decode(&ids, true)?;
         let report = serde_json::json!({
@@ -175,6 +188,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             "token_ids": ids,
             "prompt_tokens": prompt_ids.len(),
             "tokens_per_second": ids.len() as f64 / secs,
+            "first_token_ms": first_token_ms,
+            "decode_tokens_per_second": decode_rate,
             "mode": if args.draft { "draft" } else { "exact" },
             "source": if jit { "jitdelta" } else { "dense" },
             "resident_weight_bytes": source.weight_bytes(),
@@ -186,8 +201,11 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             stdout.write_all(rest.as_bytes())?;
         }
         writeln!(stdout)?;
+        let decode = decode_rate.map_or(String::new(), |r| {
+            format!("; first token at {first_token_ms:.0} ms, then {r:.2} tokens/s")
+        });
         eprintln!(
-            "{} tokens in {secs:.2} s ({:.2} tokens/s), {} weight bytes resident",
+            "{} tokens in {secs:.2} s ({:.2} tokens/s{decode}), {} weight bytes resident",
             ids.len(),
             ids.len() as f64 / secs,
             source.weight_bytes()

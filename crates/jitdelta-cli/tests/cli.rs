@@ -754,6 +754,19 @@ fn generate_exact_from_jd_matches_dense_and_reports_bytes() {
         dense["resident_weight_bytes"].as_u64().unwrap(),
     );
     assert!(jit_bytes < dense_bytes, "{jit_bytes} vs {dense_bytes}");
+    // The decode rate (first token to last) leaves out the prefill: it is the faster rate.
+    for run in [&dense, &exact] {
+        let n = run["token_ids"].as_array().unwrap().len() as f64;
+        let (all, decode) = (
+            run["tokens_per_second"].as_f64().unwrap(),
+            run["decode_tokens_per_second"].as_f64().unwrap(),
+        );
+        let first_ms = run["first_token_ms"].as_f64().unwrap();
+        assert!(n > 1.0 && first_ms > 0.0 && decode > all, "{run}");
+        // n tokens took the first token's time plus n - 1 decode steps.
+        let total_s = first_ms / 1e3 + (n - 1.0) / decode;
+        assert!((total_s - n / all).abs() < 0.05 * n / all, "{run}");
+    }
     let draft = generate_json(&jd, &["--mode", "draft"]);
     assert_eq!(draft["mode"], "draft");
     let a = generate_json(

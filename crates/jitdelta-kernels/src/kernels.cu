@@ -328,45 +328,71 @@ __device__ __forceinline__ StepData read_step(const uint4* stage, u32 g, u32 tig
 }
 #endif
 
+// Escapes a lane holds per pass of escape_corrections (ESC_PASS = 32 * ESC_PER_LANE a pass).
+#ifndef ESC_PER_LANE
+#define ESC_PER_LANE 2
+#endif
+#define ESC_PASS (32 * ESC_PER_LANE)
+
 // Escape corrections of one 16-row tile, by one warp while the others stream the planes: the
 // GEMV multiplied each escape's scaled placeholder (code 0), so add corr * x per escape, with
-// corr precomputed at upload (exact or draft per chunk). Lanes take 32 escapes at a time; then
-// lane r (< 16) adds its row's products in list order, so a (row, batch) sum is the same for
-// every batch size and every call.
+// corr precomputed at upload (exact or draft per chunk). The tile's escapes (a CSR run, in row
+// order) go in passes of ESC_PASS: every lane computes its entries' products into shared
+// memory, then lane r (< 16) adds its own row's products in list order, so a (row, batch) sum
+// is the same for every batch size and every call. The next pass's list entries load with this
+// pass's activations, so a pass waits for one memory round trip; escape-heavy tensors (a
+// dequantized GGUF holds 0.27%) made this warp the tile's critical path.
 __device__ __forceinline__ void escape_corrections(
         const u32* __restrict__ esc_row_start, const u32* __restrict__ esc_pos,
         const float2* __restrict__ esc_corr, const u8* __restrict__ routed, int mode,
         u32 rows, u32 cols, u32 chunk_rows, u32 r0, const u16* __restrict__ x, u32 batch,
         u32 lane, float (*corr)[MAX_BATCH]) {
-    __shared__ float prod[32][MAX_BATCH];
-    __shared__ u32 prow[32];
+    __shared__ float prod[ESC_PASS][MAX_BATCH];
     const u32 first = esc_row_start[r0], last = esc_row_start[min(r0 + TILE_ROWS, rows)];
+    // Lane r's own row: entries row_first..row_last of the list.
+    u32 row_first = 0, row_last = 0;
+    if (lane < TILE_ROWS && r0 + lane < rows) {
+        row_first = esc_row_start[r0 + lane];
+        row_last = esc_row_start[r0 + lane + 1];
+    }
     float mine[MAX_BATCH];
 #pragma unroll
     for (int b = 0; b < MAX_BATCH; ++b) mine[b] = 0.f;
-    for (u32 at = first; at < last; at += 32) {
-        const u32 e = at + lane;
-        u32 r = TILE_ROWS;
-        if (e < last) {
-            const u32 pos = esc_pos[e];
-            const u32 row = pos / cols;
-            r = row - r0;
-            const float2 c = esc_corr[e];
-            const float w = chunk_is_exact(mode, routed, row / chunk_rows) ? c.x : c.y;
-            const u16* xk = x + (pos - row * cols);
+    u32 pos[ESC_PER_LANE];
+    float2 c[ESC_PER_LANE];
 #pragma unroll
-            for (int b = 0; b < MAX_BATCH; ++b)
-                if (b < batch) prod[lane][b] = w * bf16_to_f32(xk[(u64)b * cols]);
+    for (int u = 0; u < ESC_PER_LANE; ++u) {
+        const u32 e = first + u * 32 + lane;
+        pos[u] = e < last ? esc_pos[e] : 0u;
+        c[u] = e < last ? esc_corr[e] : make_float2(0.f, 0.f);
+    }
+    for (u32 at = first; at < last; at += ESC_PASS) {
+        u32 next_pos[ESC_PER_LANE];
+        float2 next_c[ESC_PER_LANE];
+#pragma unroll
+        for (int u = 0; u < ESC_PER_LANE; ++u) {
+            const u32 e = at + ESC_PASS + u * 32 + lane;
+            next_pos[u] = e < last ? esc_pos[e] : 0u;
+            next_c[u] = e < last ? esc_corr[e] : make_float2(0.f, 0.f);
         }
-        prow[lane] = r;
-        __syncwarp();
-        if (lane < TILE_ROWS) {
-            const u32 n = min(32u, last - at);
-            for (u32 k = 0; k < n; ++k) {
-                if (prow[k] != lane) continue;
 #pragma unroll
-                for (int b = 0; b < MAX_BATCH; ++b) mine[b] += prod[k][b];
+        for (int u = 0; u < ESC_PER_LANE; ++u) {
+            if (at + u * 32 + lane < last) {
+                const u32 row = pos[u] / cols;
+                const float w = chunk_is_exact(mode, routed, row / chunk_rows) ? c[u].x : c[u].y;
+                const u16* xk = x + (pos[u] - row * cols);
+#pragma unroll
+                for (int b = 0; b < MAX_BATCH; ++b)
+                    if (b < batch) prod[u * 32 + lane][b] = w * bf16_to_f32(xk[(u64)b * cols]);
             }
+            pos[u] = next_pos[u];
+            c[u] = next_c[u];
+        }
+        __syncwarp();
+        const u32 lo = max(row_first, at), hi = min(row_last, at + ESC_PASS);
+        for (u32 k = lo; k < hi; ++k) {
+#pragma unroll
+            for (int b = 0; b < MAX_BATCH; ++b) mine[b] += prod[k - at][b];
         }
         __syncwarp();
     }
