@@ -29,6 +29,16 @@ pub(crate) struct FusedOps {
 }
 
 impl FusedOps {
+    /// The ops for a model on `device`; on CUDA the kernels compile now (NVRTC, some 100 ms),
+    /// not inside the first forward pass, where they would count as first-token latency.
+    pub(crate) fn new(device: &Device) -> crate::Result<Self> {
+        let ops = Self::default();
+        if device.is_cuda() {
+            ops.kernels(device)?;
+        }
+        Ok(ops)
+    }
+
     fn kernels(&self, device: &Device) -> candle_core::Result<&Arc<DecoderKernels>> {
         if let Some(k) = self.kernels.get() {
             return Ok(k);

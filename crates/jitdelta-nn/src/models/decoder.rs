@@ -144,7 +144,7 @@ impl Decoder {
             lm_head,
             rope,
             #[cfg(feature = "cuda")]
-            fused: Default::default(),
+            fused: crate::gpu_ops::FusedOps::new(source.device())?,
         })
     }
 
