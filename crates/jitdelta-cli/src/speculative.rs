@@ -65,8 +65,8 @@ pub fn run(
         auto_off: args.auto_off,
         ..config
     };
+    let mut pair = SelfSpec::new(model, mode).with_hidden_features(kind.uses_hidden_state());
     let mut controller = Controller::new(kind, config);
-    let mut pair = SelfSpec::new(model, mode);
     let opts = GenerateOptions {
         max_new: args.max_tokens,
         sampling,

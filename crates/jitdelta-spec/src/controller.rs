@@ -80,6 +80,15 @@ impl std::str::FromStr for ControllerKind {
     }
 }
 
+impl ControllerKind {
+    /// Whether the controller reads the draft's hidden-state features (the contextual
+    /// bandit's context): the others decide without them, so a draft pass can skip computing
+    /// them ([`SelfSpec::with_hidden_features`](crate::SelfSpec::with_hidden_features)).
+    pub fn uses_hidden_state(&self) -> bool {
+        matches!(self, ControllerKind::Bandit(BanditKind::LinUcb))
+    }
+}
+
 impl std::fmt::Display for ControllerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

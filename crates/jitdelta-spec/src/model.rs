@@ -5,15 +5,16 @@ use crate::decode::{DraftRow, SpecModel, TargetRow};
 use crate::sampling::{argmax, Sampling};
 use crate::Result;
 use candle_core::{Tensor, D};
-use jitdelta_nn::{CausalLm, KvCache, Logits, Mode, ModeHandle};
+use jitdelta_nn::{CausalLm, ForwardOutput, KvCache, Logits, Mode, ModeHandle};
 
 /// Self-speculation on one model whose layers share `mode` (a
 /// [`JitSource`](jitdelta_nn::JitSource)'s handle): drafts run in [`Mode::Draft`], verification
 /// in [`Mode::Exact`]. Works on whatever device the model lives on: only what the loop reads
 /// comes back to the host, in one copy per pass: per draft pass, when greedy, the argmax, the
 /// signals' five reductions over the vocabulary and two hidden-state RMS values (computed on
-/// the device, [`DraftRow::from_device`]), when sampling the last logits row (the draw needs
-/// `q`) and the two RMS values; per verify pass, the target's argmaxes, or its rows when
+/// the device, [`DraftRow::from_device`]; the RMS values only [`SelfSpec::with_hidden_features`]),
+/// when sampling the last logits row (the draw needs `q`) and the two RMS values; per verify
+/// pass, the target's argmaxes, or its rows when
 /// sampling.
 ///
 /// It switches the shared handle before every pass and leaves it in `Exact`; do not run the
@@ -23,6 +24,7 @@ pub struct SelfSpec<'m> {
     mode: ModeHandle,
     draft: KvCache,
     target: KvCache,
+    hidden_features: bool,
 }
 
 impl<'m> SelfSpec<'m> {
@@ -33,7 +35,18 @@ impl<'m> SelfSpec<'m> {
             mode,
             draft: model.new_cache(),
             target: model.new_cache(),
+            hidden_features: true,
         }
+    }
+
+    /// Whether draft passes compute the hidden-state RMS features (on by default). Only the
+    /// contextual bandit reads them ([`ControllerKind::uses_hidden_state`]); off, a draft pass
+    /// runs a plain forward and its rows carry zeros there, saving the per-pass reductions.
+    ///
+    /// [`ControllerKind::uses_hidden_state`]: crate::ControllerKind::uses_hidden_state
+    pub fn with_hidden_features(mut self, on: bool) -> Self {
+        self.hidden_features = on;
+        self
     }
 }
 
@@ -51,12 +64,18 @@ fn last_rms(h: &Tensor) -> Result<Tensor> {
 impl SpecModel for SelfSpec<'_> {
     fn draft(&mut self, tokens: &[u32], sampling: &Sampling) -> Result<DraftRow> {
         self.mode.set_mode(Mode::Draft);
-        let out = self.model.forward_ids_with_hidden(
-            tokens,
-            self.draft.len(),
-            &mut self.draft,
-            Logits::Last,
-        );
+        let at = self.draft.len();
+        let out = if self.hidden_features {
+            self.model
+                .forward_ids_with_hidden(tokens, at, &mut self.draft, Logits::Last)
+        } else {
+            self.model
+                .forward_ids(tokens, at, &mut self.draft, Logits::Last)
+                .map(|logits| ForwardOutput {
+                    logits,
+                    hidden: Vec::new(),
+                })
+        };
         self.mode.set_mode(Mode::Exact);
         let out = out?;
         let layers = out.hidden.len();

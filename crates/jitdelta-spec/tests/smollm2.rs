@@ -86,3 +86,48 @@ fn greedy_speculation_is_plain_greedy_decoding() {
     assert!(s.acceptance_rate > 0.6, "{s:?}");
     assert!(s.target_passes_per_token < 0.75, "{s:?}");
 }
+
+/// Without hidden-state features a draft pass returns the same proposal and signals but zero
+/// RMS values, and a controller that never reads them decides the same: the same tokens and
+/// the same rounds.
+#[test]
+fn hidden_features_off_changes_nothing_for_controllers_that_ignore_them() {
+    use jitdelta_spec::SpecModel;
+    let tok = tokenizer();
+    let source = JitSource::open(smollm2_jd(), &Device::Cpu, JitOptions::default()).unwrap();
+    let model = load_causal_lm(&source).unwrap();
+    let ids = chat_ids(&tok, PROMPTS[6]);
+    let greedy = Sampling::Greedy;
+    let mut with = SelfSpec::new(model.as_ref(), source.mode().clone());
+    let mut without =
+        SelfSpec::new(model.as_ref(), source.mode().clone()).with_hidden_features(false);
+    let (a, b) = (
+        with.draft(&ids, &greedy).unwrap(),
+        without.draft(&ids, &greedy).unwrap(),
+    );
+    assert_eq!(a.argmax, b.argmax);
+    assert_eq!(a.signals.top1, b.signals.top1);
+    assert!(a.signals.hidden_rms.iter().all(|&r| r > 0.0), "{a:?}");
+    assert_eq!(b.signals.hidden_rms, [0.0; 2]);
+
+    let run = |hidden: bool| {
+        let mut pair =
+            SelfSpec::new(model.as_ref(), source.mode().clone()).with_hidden_features(hidden);
+        let kind = "ucb1".parse().unwrap();
+        assert!(!jitdelta_spec::ControllerKind::uses_hidden_state(&kind));
+        let mut controller = Controller::new(kind, ControllerConfig::default());
+        let opts = GenerateOptions {
+            max_new: TOKENS,
+            sampling: Sampling::Greedy,
+            stop: vec![],
+            seed: 0,
+        };
+        let out = generate(&mut pair, &mut controller, &ids, &opts, |_| Ok(())).unwrap();
+        (out.tokens, out.stats.rounds, out.stats.draft_passes)
+    };
+    assert_eq!(run(true), run(false));
+    assert!("lin-ucb"
+        .parse::<jitdelta_spec::ControllerKind>()
+        .unwrap()
+        .uses_hidden_state());
+}
