@@ -70,6 +70,23 @@ fn parse_base<'a>(
     })
 }
 
+/// A whole chunk's sections: the base's parts, the residual's low plane and its bit width.
+fn parse_chunk<'a>(
+    format: FloatFormat,
+    d: u32,
+    block_len: usize,
+    base: &'a [u8],
+    residual: &'a [u8],
+    n: usize,
+) -> Result<(BaseParts<'a>, &'a [u8], u32)> {
+    let parts = parse_base(format, d, block_len, base, n)?;
+    let low_width = format.mantissa_bits() - d;
+    let mut rest = residual;
+    let low = section::take(&mut rest, packed_len(n, low_width), "residual plane")?;
+    section::finish(rest, "bit-plane residual")?;
+    Ok((parts, low, low_width))
+}
+
 /// Decodes a chunk of `n` values to exact source bits, written little-endian into `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_exact(
@@ -82,11 +99,7 @@ pub fn decode_exact(
     n: usize,
     out: &mut [u8],
 ) -> Result<()> {
-    let parts = parse_base(format, d, block_len, base, n)?;
-    let low_width = format.mantissa_bits() - d;
-    let mut rest = residual;
-    let low = section::take(&mut rest, packed_len(n, low_width), "residual plane")?;
-    section::finish(rest, "bit-plane residual")?;
+    let (parts, low, low_width) = parse_chunk(format, d, block_len, base, residual, n)?;
     let mut scratch = Scratch::new(block_len.min(n));
     for (b, block) in parts.blocks.iter().enumerate() {
         let first = b * block_len;
@@ -121,11 +134,7 @@ pub(crate) fn decode_fields(
     n: usize,
     out: ChunkFields<'_>,
 ) -> Result<()> {
-    let parts = parse_base(format, d, block_len, base, n)?;
-    let low_width = format.mantissa_bits() - d;
-    let mut rest = residual;
-    let low = section::take(&mut rest, packed_len(n, low_width), "residual plane")?;
-    section::finish(rest, "bit-plane residual")?;
+    let (parts, low, low_width) = parse_chunk(format, d, block_len, base, residual, n)?;
     for (b, block) in parts.blocks.iter().enumerate() {
         let first = b * block_len;
         let len = block_len.min(n - first);

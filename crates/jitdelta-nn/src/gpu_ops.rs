@@ -174,14 +174,10 @@ impl FusedOps {
         }
         let (input, offsets) = match one_buffer([q, k, v])? {
             Some(offsets) => (q.clone(), offsets),
-            None => {
-                let flat = [q, k, v].map(|t| t.flatten_all());
-                let [fq, fk, fv] = flat;
-                (
-                    Tensor::cat(&[fq?, fk?, fv?], 0)?,
-                    [0, q_len, q_len + kv_len],
-                )
-            }
+            None => (
+                Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)?,
+                [0, q_len, q_len + kv_len],
+            ),
         };
         let kernels = self.kernels(q.device())?;
         let block = KvBlock {

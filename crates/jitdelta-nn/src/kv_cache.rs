@@ -115,12 +115,16 @@ impl KvCache {
             )));
         }
         let block = KvBlock {
-            dims: [k.dims()[0], k.dims()[1], k.dims()[2], k.dims()[3]],
+            dims: k.dims4()?.into(),
             dtype: k.dtype(),
             device: k.device(),
         };
-        let both = Tensor::stack(&[k.contiguous()?, v.contiguous()?], 0)?;
-        self.append_with(layer, block, |kv, start| Ok(kv.slice_set(&both, 3, start)?))
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        // Each half of the buffer is contiguous: keys and values go in with one copy each.
+        self.append_with(layer, block, |kv, start| {
+            kv.get(0)?.slice_set(&k, 2, start)?;
+            Ok(kv.get(1)?.slice_set(&v, 2, start)?)
+        })
     }
 
     /// Appends a block of `block.dims` positions to layer `layer` that `write` puts in place:

@@ -5,7 +5,7 @@ use crate::decode::{DraftRow, SpecModel, TargetRow};
 use crate::sampling::{argmax, Sampling};
 use crate::Result;
 use candle_core::{Tensor, D};
-use jitdelta_nn::{CausalLm, ForwardOutput, KvCache, Logits, Mode, ModeHandle};
+use jitdelta_nn::{CausalLm, KvCache, Logits, Mode, ModeHandle};
 
 /// Self-speculation on one model whose layers share `mode` (a
 /// [`JitSource`](jitdelta_nn::JitSource)'s handle): drafts run in [`Mode::Draft`], verification
@@ -48,6 +48,32 @@ impl<'m> SelfSpec<'m> {
         self.hidden_features = on;
         self
     }
+
+    /// One draft forward pass over `tokens` (the layers already in Draft mode): the last
+    /// logits and, with the features on, the hidden-state RMS after the middle and the last
+    /// layer.
+    fn draft_pass(&mut self, tokens: &[u32]) -> Result<(Tensor, Option<[Tensor; 2]>)> {
+        let at = self.draft.len();
+        if !self.hidden_features {
+            let logits = self
+                .model
+                .forward_ids(tokens, at, &mut self.draft, Logits::Last)?;
+            return Ok((logits, None));
+        }
+        let out = self
+            .model
+            .forward_ids_with_hidden(tokens, at, &mut self.draft, Logits::Last)?;
+        let layers = out.hidden.len();
+        let rms = if layers > 0 {
+            Some([
+                last_rms(&out.hidden[(layers - 1) / 2])?,
+                last_rms(&out.hidden[layers - 1])?,
+            ])
+        } else {
+            None
+        };
+        Ok((out.logits, rms))
+    }
 }
 
 /// Root mean square of the last position of a `(1, seq, hidden)` activation, as a rank-0 f32
@@ -64,30 +90,10 @@ fn last_rms(h: &Tensor) -> Result<Tensor> {
 impl SpecModel for SelfSpec<'_> {
     fn draft(&mut self, tokens: &[u32], sampling: &Sampling) -> Result<DraftRow> {
         self.mode.set_mode(Mode::Draft);
-        let at = self.draft.len();
-        let out = if self.hidden_features {
-            self.model
-                .forward_ids_with_hidden(tokens, at, &mut self.draft, Logits::Last)
-        } else {
-            self.model
-                .forward_ids(tokens, at, &mut self.draft, Logits::Last)
-                .map(|logits| ForwardOutput {
-                    logits,
-                    hidden: Vec::new(),
-                })
-        };
+        let out = self.draft_pass(tokens);
         self.mode.set_mode(Mode::Exact);
-        let out = out?;
-        let layers = out.hidden.len();
-        let hidden_rms = if layers > 0 {
-            Some([
-                last_rms(&out.hidden[(layers - 1) / 2])?,
-                last_rms(&out.hidden[layers - 1])?,
-            ])
-        } else {
-            None
-        };
-        DraftRow::from_device(&out.logits, sampling, hidden_rms)
+        let (logits, hidden_rms) = out?;
+        DraftRow::from_device(&logits, sampling, hidden_rms)
     }
 
     fn verify(
