@@ -274,3 +274,84 @@ extern "C" __global__ void jd_rope_kv_bf16(const u16* __restrict__ qkv, u64 q_of
     dst[i] = f32_to_bf16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
     dst[i + half] = f32_to_bf16(__fadd_rn(__fmul_rn(x1, s), __fmul_rn(x2, c)));
 }
+
+// The reductions a greedy speculative draft reads from one row of n f32 logits (semantics and
+// CPU reference: decoder_ops::logit_stats): out = [argmax, Z, S, l2, ties]. One block, two
+// passes over the row; each reduction runs per thread in index order, then across each warp by
+// shuffles and across warps in warp order, so every launch gives the same bits.
+#define STATS_THREADS 1024
+#define LOGIT_FLOOR (-1e30f)
+
+// The larger value wins; equal values go to the smaller index (NaN never wins).
+__device__ __forceinline__ void keep_max(float& m, u32& i, float om, u32 oi) {
+    if (om > m || (om == m && oi < i)) {
+        m = om;
+        i = oi;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(STATS_THREADS)
+jd_logit_stats_f32(const float* __restrict__ logits, u32 n, float* __restrict__ out) {
+    __shared__ float part_f[3][STATS_THREADS / 32];
+    __shared__ u32 part_u[2][STATS_THREADS / 32];
+    pdl_launch_dependents();
+    pdl_wait();
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const float neg_inf = __int_as_float(0xFF800000);
+    float m = neg_inf;
+    u32 at = 0xFFFFFFFFu;
+    for (u32 i = threadIdx.x; i < n; i += STATS_THREADS) keep_max(m, at, logits[i], i);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        keep_max(m, at, __shfl_xor_sync(0xFFFFFFFFu, m, o), __shfl_xor_sync(0xFFFFFFFFu, at, o));
+    if (lane == 0) {
+        part_f[0][warp] = m;
+        part_u[0][warp] = at;
+    }
+    __syncthreads();
+    m = neg_inf;
+    at = 0xFFFFFFFFu;
+    for (int w = 0; w < STATS_THREADS / 32; ++w) keep_max(m, at, part_f[0][w], part_u[0][w]);
+    __syncthreads();
+    float z = 0.f, s = 0.f, l2 = 2.f * LOGIT_FLOOR;
+    u32 ties = 0;
+    for (u32 i = threadIdx.x; i < n; i += STATS_THREADS) {
+        const float d = fmaxf(logits[i] - m, LOGIT_FLOOR);
+        const float e = expf(d);
+        z += e;
+        s += e * d;
+        if (d >= 0.f) ++ties;
+        else l2 = fmaxf(l2, d);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        z += __shfl_xor_sync(0xFFFFFFFFu, z, o);
+        s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+        l2 = fmaxf(l2, __shfl_xor_sync(0xFFFFFFFFu, l2, o));
+        ties += __shfl_xor_sync(0xFFFFFFFFu, ties, o);
+    }
+    if (lane == 0) {
+        part_f[0][warp] = z;
+        part_f[1][warp] = s;
+        part_f[2][warp] = l2;
+        part_u[1][warp] = ties;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        z = 0.f;
+        s = 0.f;
+        l2 = 2.f * LOGIT_FLOOR;
+        ties = 0;
+        for (int w = 0; w < STATS_THREADS / 32; ++w) {
+            z += part_f[0][w];
+            s += part_f[1][w];
+            l2 = fmaxf(l2, part_f[2][w]);
+            ties += part_u[1][w];
+        }
+        out[0] = (float)(at == 0xFFFFFFFFu ? 0u : at);
+        out[1] = z;
+        out[2] = s;
+        out[3] = l2;
+        out[4] = (float)ties;
+    }
+}

@@ -15,6 +15,8 @@
 //! - rope + KV write: rotate-half rotary embedding, `y1 = x1 c - x2 s`, `y2 = x1 s + x2 c` over
 //!   the two halves of each head, the products exact in f32, each sum rounded to f32 and then
 //!   to BF16 (nearest even; NaN stays NaN). The reference computes the same bits.
+//! - logit stats: the reductions a greedy speculative draft reads from a row of f32 logits
+//!   ([`logit_stats`]), one launch where candle takes some sixteen.
 
 use crate::{Error, Result};
 use half::bf16;
@@ -205,6 +207,58 @@ pub fn rope_kv(
     Ok(q_out)
 }
 
+/// Floor of a logit relative to the row's largest in [`logit_stats`]: `exp` of it is 0 in f32,
+/// and a finite floor keeps `0 * -inf` (NaN) out of the sums.
+pub const LOGIT_FLOOR: f32 = -1e30;
+
+/// Largest row [`logit_stats`] takes: every index is exact in the f32 it is returned in.
+pub const MAX_LOGIT_STATS_LEN: usize = 1 << 24;
+
+/// Checks a row of `len` logits is one the logit-stats kernel takes.
+pub fn check_logit_stats(len: usize) -> Result<()> {
+    if len == 0 || len > MAX_LOGIT_STATS_LEN {
+        return Err(Error::Shape(format!(
+            "logit stats: a row of {len} logits (1 to {MAX_LOGIT_STATS_LEN})"
+        )));
+    }
+    Ok(())
+}
+
+/// `[argmax, Z, S, l2, ties]` of a row of logits, as the CUDA kernel computes them. With `m`
+/// the largest logit (NaN never counts) and `d_i = max(l_i - m, LOGIT_FLOOR)` in f32 (NaN
+/// gives the floor):
+/// - `argmax`: the first index holding `m` (0 when every logit is NaN or `-inf`);
+/// - `Z = sum exp(d_i)` and `S = sum exp(d_i) d_i`: the softmax's normalizer relative to the top
+///   logit, and what its entropy needs;
+/// - `l2`: the largest `d_i` below 0, the runner-up's distance (`2 * LOGIT_FLOOR` if none);
+/// - `ties`: how many `d_i` are 0 (logits equal to `m`).
+///
+/// The kernel sums `Z` and `S` in f32 in its own fixed order; this reference sums in f64, so the
+/// two agree to f32 rounding of the sums and exactly elsewhere.
+pub fn logit_stats(logits: &[f32]) -> Result<[f64; 5]> {
+    check_logit_stats(logits.len())?;
+    let (mut m, mut at) = (f32::NEG_INFINITY, None);
+    for (i, &l) in logits.iter().enumerate() {
+        if l > m {
+            (m, at) = (l, Some(i));
+        }
+    }
+    let (mut z, mut s, mut l2, mut ties) = (0f64, 0f64, 2.0 * LOGIT_FLOOR, 0u32);
+    for &l in logits {
+        let d = (l - m).max(LOGIT_FLOOR);
+        let e = (d as f64).exp();
+        z += e;
+        s += e * d as f64;
+        if d >= 0.0 {
+            ties += 1;
+        } else {
+            l2 = l2.max(d);
+        }
+    }
+    // An all NaN or -inf row has no index above -inf.
+    Ok([at.unwrap_or(0) as f64, z, s, l2 as f64, ties as f64])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +424,25 @@ mod tests {
         assert!(rope_kv(&ok, &input, &table, &mut cache).is_ok());
         assert!(rope_kv(&ok, &input, &table[..15], &mut cache).is_err());
         assert!(rope_kv(&ok, &input, &table, &mut cache[..127]).is_err());
+    }
+
+    #[test]
+    fn logit_stats_follow_their_definition() {
+        let [argmax, z, s, l2, ties] = logit_stats(&[1.0, 3.0, f32::NAN, 3.0, 2.0]).unwrap();
+        assert_eq!((argmax, ties), (1.0, 2.0), "first of the tied maxima");
+        assert_eq!(l2, -1.0, "the runner-up, 1 below");
+        let e = |d: f64| d.exp();
+        // The NaN sits at the floor: exp of it is 0.
+        assert!((z - (e(-2.0) + 2.0 + e(-1.0))).abs() < 1e-12);
+        assert!((s - (-2.0 * e(-2.0) - e(-1.0))).abs() < 1e-12);
+        let [argmax, z, _, l2, ties] = logit_stats(&[f32::NEG_INFINITY; 3]).unwrap();
+        assert_eq!((argmax, z, l2, ties), (0.0, 0.0, LOGIT_FLOOR as f64, 0.0));
+        assert_eq!(
+            logit_stats(&[7.0]).unwrap()[3],
+            2.0 * LOGIT_FLOOR as f64,
+            "no runner-up"
+        );
+        assert!(logit_stats(&[]).is_err());
+        assert!(check_logit_stats(MAX_LOGIT_STATS_LEN + 1).is_err());
     }
 }

@@ -13,6 +13,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
 use jitdelta_format::ResidentTensor;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 const SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("kernels.cu"));
@@ -26,6 +27,8 @@ const ATTENTION_SPLIT: u32 = 64;
 /// `NORM_THREADS` in `attention.cu`.
 const NORM_THREADS: u32 = 1024;
 const ELEMENTWISE_THREADS: u32 = 256;
+/// Threads of the one block of `jd_logit_stats_f32` (its `STATS_THREADS`).
+const STATS_THREADS: u32 = 1024;
 /// Largest activation batch the fused GEMV takes (one mma.m16n8k16 column block).
 pub const MAX_GEMV_BATCH: usize = 8;
 const GEMV_TILE_ROWS: usize = 16;
@@ -47,10 +50,22 @@ const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN
 /// warps split the columns the same way in all these kernels, so routed rows equal the exact or
 /// draft kernel's bit for bit.
 const FOUR_WARP_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=4"];
-/// Tensors below [`LARGE_GEMV_WEIGHTS`] with at least this many 16-row tiles (8192 rows) use
-/// [`FOUR_WARP_DEFINES`]: their blocks fill its 4 blocks per SM, while 256 tiles (4096 rows)
-/// fill the default's 2 blocks per SM and leave half of the 4-block slots empty.
-pub const TALL_GEMV_TILES: u32 = 512;
+/// Blocks per SM of the default variant (its `GEMV_MIN_BLOCKS`): launches of more tiles than
+/// this many per SM are tall ([`Kernels::tall_tiles`]).
+const DEFAULT_BLOCKS_PER_SM: u32 = 2;
+
+/// The size classes of the fused GEMV ([`Kernels::gemv_class`]); each sums a row in its own
+/// order, the same for every batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvClass {
+    /// 8 warps, 2 blocks per SM: launches that fit in one wave of those.
+    Default,
+    /// 4 warps, 4 blocks per SM: launches of more tiles than [`Kernels::tall_tiles`].
+    Tall,
+    /// Tensors of [`LARGE_GEMV_WEIGHTS`] or more: exact and routed through a shared-memory
+    /// ring, the draft as the tall class.
+    Large,
+}
 
 /// One fused-GEMV kernel and its launch shape.
 #[derive(Clone, Debug)]
@@ -216,15 +231,18 @@ pub struct Kernels {
     /// The size classes of [`Kernels::new`]: tall, then large tensors.
     gemv_tall: Option<GemvKernel>,
     gemv_large: Option<GemvKernel>,
+    /// Launches of more tiles than this take the tall variant.
+    tall_tiles: u32,
 }
 
 impl Kernels {
     /// Compiles the kernels for the stream's device (compute capability 8.0 or newer), with
     /// three size classes of fused-GEMV variants: the default (8 warps, 2 blocks per SM); tall
-    /// tensors ([`TALL_GEMV_TILES`] tiles or more: 4 warps, 4 blocks per SM); and tensors of
-    /// [`LARGE_GEMV_WEIGHTS`] or more, whose exact and routed kernels stream the planes through
-    /// shared memory and whose draft is the tall class's. The choice depends on the tensor and
-    /// the selection alone, never on the batch, so every batch size sums a row the same way.
+    /// launches (more tiles than [`Kernels::tall_tiles`]: 4 warps, 4 blocks per SM); and tensors
+    /// of [`LARGE_GEMV_WEIGHTS`] or more, whose exact and routed kernels stream the planes
+    /// through shared memory and whose draft is the tall class's. The choice depends on the
+    /// tensor (with the group it was declared to launch in, [`GpuResident::launch_together`])
+    /// and the selection alone, never on the batch, so every batch size sums a row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let mut kernels = Self::with_defines(stream, &[])?;
         let ring = compile(&kernels.launcher.stream, SOURCE, LARGE_GEMV_DEFINES)?;
@@ -244,10 +262,14 @@ impl Kernels {
     /// what benchmarks and tests of a variant use.
     pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
         let module = compile(&stream, SOURCE, defines)?;
+        let sms = stream.context().attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?;
         Ok(Self {
             gemv: GemvKernel::load(&module, defines)?,
             gemv_tall: None,
             gemv_large: None,
+            tall_tiles: DEFAULT_BLOCKS_PER_SM * sms.max(1) as u32,
             decode: module.load_function("jd_decode_bf16")?,
             patch: module.load_function("jd_patch_escapes")?,
             launcher: Launcher::new(stream)?,
@@ -317,6 +339,7 @@ impl Kernels {
                 bytemuck::cast_slice::<[f32; 2], f32>(&d.escape_correction),
             )?,
             escapes: d.escape_pos.len(),
+            group_tiles: AtomicU32::new(0),
         })
     }
 
@@ -521,13 +544,34 @@ impl Kernels {
         }
     }
 
-    /// The GEMV variant for `t`: by its shape, never by batch.
-    fn variant(&self, t: &GpuResident) -> &GemvKernel {
+    /// The size class whose fused-GEMV variant runs `t`: by its shape and declared group
+    /// ([`GpuResident::launch_together`]), never by batch. Kernels built with tuning defines
+    /// ([`Kernels::with_defines`]) have one variant, the default.
+    pub fn gemv_class(&self, t: &GpuResident) -> GemvClass {
+        let large = t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS;
         match (&self.gemv_large, &self.gemv_tall) {
-            (Some(large), _) if t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS => large,
-            (_, Some(tall)) if t.tiles() >= TALL_GEMV_TILES => tall,
-            _ => &self.gemv,
+            (Some(_), _) if large => GemvClass::Large,
+            (_, Some(_)) if t.launch_tiles() > self.tall_tiles => GemvClass::Tall,
+            _ => GemvClass::Default,
         }
+    }
+
+    /// The GEMV variant of `t`'s class.
+    fn variant(&self, t: &GpuResident) -> &GemvKernel {
+        let class = match self.gemv_class(t) {
+            GemvClass::Large => self.gemv_large.as_ref(),
+            GemvClass::Tall => self.gemv_tall.as_ref(),
+            GemvClass::Default => None,
+        };
+        class.unwrap_or(&self.gemv)
+    }
+
+    /// Launches of more 16-row tiles than this (twice the device's SMs) take the tall variant
+    /// (4 warps, 4 blocks per SM): all their blocks then run at once, where the default's
+    /// 2 blocks per SM would leave a second, nearly empty wave (4608 rows: 288 tiles over 264
+    /// slots on an H100; 1.05x -> 1.27x cuBLAS at 4608x12288, docs/benchmarks.md).
+    pub fn tall_tiles(&self) -> u32 {
+        self.tall_tiles
     }
 }
 
@@ -589,6 +633,7 @@ pub struct DecoderKernels {
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
     rope_kv: CudaFunction,
+    logit_stats: CudaFunction,
 }
 
 impl DecoderKernels {
@@ -601,6 +646,7 @@ impl DecoderKernels {
             add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
             silu_mul: module.load_function("jd_silu_mul_bf16")?,
             rope_kv: module.load_function("jd_rope_kv_bf16")?,
+            logit_stats: module.load_function("jd_logit_stats_f32")?,
             launcher: Launcher::new(stream)?,
         })
     }
@@ -768,6 +814,33 @@ impl DecoderKernels {
 }
 
 impl DecoderKernels {
+    /// `[argmax, Z, S, l2, ties]` of a row of logits into `out` (5 values), one launch
+    /// ([`decoder_ops::logit_stats`] defines them).
+    pub fn logit_stats(
+        &self,
+        logits: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        decoder_ops::check_logit_stats(logits.len())?;
+        check_out(out.len(), 5)?;
+        let st = &self.launcher.stream;
+        let mut args = RawArgs::default();
+        args.buffer(logits, st)
+            .value(logits.len() as u32)
+            .value(out.device_ptr_mut(st).0);
+        // SAFETY: matches `jd_logit_stats_f32`; `logits` holds `n` values (at most 2^24,
+        // checked), `out` 5, and only thread 0 writes them.
+        unsafe {
+            self.launcher.launch(
+                &self.logit_stats,
+                grid((1, 1), STATS_THREADS),
+                &mut args,
+                true,
+            )
+        }?;
+        Ok(())
+    }
+
     /// Rotary embedding of one step's queries and keys, its keys and values written into a KV
     /// cache buffer: one launch (layouts and semantics in [`decoder_ops::RopeKvShape`]).
     pub fn rope_kv(
@@ -942,9 +1015,27 @@ pub struct GpuResident {
     esc_row_start: CudaSlice<u32>,
     esc_corr: CudaSlice<f32>,
     escapes: usize,
+    /// Tiles of the grouped launch this tensor was declared part of (0: none).
+    group_tiles: AtomicU32,
 }
 
 impl GpuResident {
+    /// Declares that `tensors` run as one grouped launch ([`Kernels::gemv_group`], e.g. a
+    /// layer's q, k and v): from now on each picks its kernel variant by the group's tiles, in
+    /// its single launches too, so both sum a row the same way (the variant fixes the order).
+    /// Declare groups before the first launch; a tensor declared in several keeps the largest.
+    pub fn launch_together(tensors: &[&GpuResident]) {
+        let tiles: u32 = tensors.iter().map(|t| t.tiles()).sum();
+        for t in tensors {
+            t.group_tiles.fetch_max(tiles, Ordering::Relaxed);
+        }
+    }
+
+    /// Tiles by which the variant is chosen: the tensor's, or its declared group's.
+    fn launch_tiles(&self) -> u32 {
+        self.tiles().max(self.group_tiles.load(Ordering::Relaxed))
+    }
+
     /// `(rows, cols)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows as usize, self.cols as usize)

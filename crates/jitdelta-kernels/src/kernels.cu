@@ -328,26 +328,45 @@ __device__ __forceinline__ StepData read_step(const uint4* stage, u32 g, u32 tig
 }
 #endif
 
-// Escapes a lane holds per pass of escape_corrections (ESC_PASS = 32 * ESC_PER_LANE a pass).
+// Escapes a lane holds per pass of escape_corrections (ESC_PASS = 32 * ESC_PER_LANE a pass),
+// and activation rows it loads per memory round trip (ESC_X_ROWS): a pass costs one round trip
+// per ESC_X_ROWS batch rows, so the knobs trade registers for round trips per tile.
 #ifndef ESC_PER_LANE
-#define ESC_PER_LANE 2
+#define ESC_PER_LANE 8
+#endif
+#ifndef ESC_X_ROWS
+#define ESC_X_ROWS 4
 #endif
 #define ESC_PASS (32 * ESC_PER_LANE)
+
+// The list entries of one pass from entry `at`: positions and both corrections.
+__device__ __forceinline__ void load_escapes(const u32* __restrict__ esc_pos, const float2* __restrict__ esc_corr,
+                                             u32 at, u32 last, u32 lane, u32 pos[ESC_PER_LANE],
+                                             float2 c[ESC_PER_LANE]) {
+#pragma unroll
+    for (int u = 0; u < ESC_PER_LANE; ++u) {
+        const u32 e = at + u * 32 + lane;
+        pos[u] = e < last ? esc_pos[e] : 0u;
+        c[u] = e < last ? esc_corr[e] : make_float2(0.f, 0.f);
+    }
+}
 
 // Escape corrections of one 16-row tile, by one warp while the others stream the planes: the
 // GEMV multiplied each escape's scaled placeholder (code 0), so add corr * x per escape, with
 // corr precomputed at upload (exact or draft per chunk). The tile's escapes (a CSR run, in row
 // order) go in passes of ESC_PASS: every lane computes its entries' products into shared
 // memory, then lane r (< 16) adds its own row's products in list order, so a (row, batch) sum
-// is the same for every batch size and every call. The next pass's list entries load with this
-// pass's activations, so a pass waits for one memory round trip; escape-heavy tensors (a
-// dequantized GGUF holds 0.27%) made this warp the tile's critical path.
+// is the same for every batch size and every call. The list is weights-side data, so the first
+// pass's entries load before pdl_wait() and each next pass's with this pass's activations; a
+// pass then waits for its activations alone. An LM head holds ~1% escapes (SmolLM2's embedding:
+// ~760 a tile), which made this warp the tile's critical path at 128 entries a pass.
 __device__ __forceinline__ void escape_corrections(
         const u32* __restrict__ esc_row_start, const u32* __restrict__ esc_pos,
         const float2* __restrict__ esc_corr, const u8* __restrict__ routed, int mode,
         u32 rows, u32 cols, u32 chunk_rows, u32 r0, const u16* __restrict__ x, u32 batch,
         u32 lane, float (*corr)[MAX_BATCH]) {
-    __shared__ float prod[ESC_PASS][MAX_BATCH];
+    // Rows padded by one float: the stores of lanes 4 apart fall in different banks.
+    __shared__ float prod[ESC_PASS][MAX_BATCH + 1];
     const u32 first = esc_row_start[r0], last = esc_row_start[min(r0 + TILE_ROWS, rows)];
     // Lane r's own row: entries row_first..row_last of the list.
     u32 row_first = 0, row_last = 0;
@@ -360,31 +379,40 @@ __device__ __forceinline__ void escape_corrections(
     for (int b = 0; b < MAX_BATCH; ++b) mine[b] = 0.f;
     u32 pos[ESC_PER_LANE];
     float2 c[ESC_PER_LANE];
-#pragma unroll
-    for (int u = 0; u < ESC_PER_LANE; ++u) {
-        const u32 e = first + u * 32 + lane;
-        pos[u] = e < last ? esc_pos[e] : 0u;
-        c[u] = e < last ? esc_corr[e] : make_float2(0.f, 0.f);
-    }
+    load_escapes(esc_pos, esc_corr, first, last, lane, pos, c);
+    // The activations belong to the previous kernel.
+    pdl_wait();
     for (u32 at = first; at < last; at += ESC_PASS) {
         u32 next_pos[ESC_PER_LANE];
         float2 next_c[ESC_PER_LANE];
+        load_escapes(esc_pos, esc_corr, at + ESC_PASS, last, lane, next_pos, next_c);
+        float w[ESC_PER_LANE];
+        u32 col[ESC_PER_LANE];
 #pragma unroll
         for (int u = 0; u < ESC_PER_LANE; ++u) {
-            const u32 e = at + ESC_PASS + u * 32 + lane;
-            next_pos[u] = e < last ? esc_pos[e] : 0u;
-            next_c[u] = e < last ? esc_corr[e] : make_float2(0.f, 0.f);
+            const u32 row = pos[u] / cols;
+            w[u] = chunk_is_exact(mode, routed, row / chunk_rows) ? c[u].x : c[u].y;
+            col[u] = pos[u] - row * cols;
+        }
+        for (u32 b0 = 0; b0 < batch; b0 += ESC_X_ROWS) {
+            // All of this slice's activations are requested before any product is formed.
+            u32 xb[ESC_PER_LANE][ESC_X_ROWS];
+#pragma unroll
+            for (int u = 0; u < ESC_PER_LANE; ++u) {
+                const bool in = at + u * 32 + lane < last;
+#pragma unroll
+                for (int j = 0; j < ESC_X_ROWS; ++j)
+                    xb[u][j] = (in && b0 + j < batch) ? (u32)__ldg(x + (u64)(b0 + j) * cols + col[u]) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < ESC_PER_LANE; ++u) {
+#pragma unroll
+                for (int j = 0; j < ESC_X_ROWS; ++j)
+                    if (b0 + j < batch) prod[u * 32 + lane][b0 + j] = w[u] * bf16_to_f32(xb[u][j]);
+            }
         }
 #pragma unroll
         for (int u = 0; u < ESC_PER_LANE; ++u) {
-            if (at + u * 32 + lane < last) {
-                const u32 row = pos[u] / cols;
-                const float w = chunk_is_exact(mode, routed, row / chunk_rows) ? c[u].x : c[u].y;
-                const u16* xk = x + (pos[u] - row * cols);
-#pragma unroll
-                for (int b = 0; b < MAX_BATCH; ++b)
-                    if (b < batch) prod[u * 32 + lane][b] = w * bf16_to_f32(xk[(u64)b * cols]);
-            }
             pos[u] = next_pos[u];
             c[u] = next_c[u];
         }
@@ -433,7 +461,6 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
         // block's final barrier (a dependent DRAM round trip at the tail of every block).
         if (lane < TILE_ROWS)
             rescale[lane] = r0 + lane < rows ? (int)bases[(r0 + lane) / chunk_rows] - SCALED_EXPONENT : 0;
-        pdl_wait();
         escape_corrections(esc_row_start, esc_pos, esc_corr, routed, mode, rows, cols, chunk_rows,
                            r0, x, batch, lane, corr);
     } else {

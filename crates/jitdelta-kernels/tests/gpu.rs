@@ -8,7 +8,7 @@ use half::bf16;
 use jitdelta_format::{FloatFormat, JdFile, ResidentTensor};
 use jitdelta_kernels::attention::{reference, AttentionShape};
 use jitdelta_kernels::decoder_ops;
-use jitdelta_kernels::gpu::{DecoderKernels, GpuResident, GpuSelection, Kernels};
+use jitdelta_kernels::gpu::{DecoderKernels, GemvClass, GpuResident, GpuSelection, Kernels};
 use jitdelta_kernels::reference::{decode_bf16, gemv, gemv_error, ChunkSelection};
 use jitdelta_kernels::Error;
 use rand::rngs::StdRng;
@@ -618,6 +618,76 @@ fn grouped_gemv_equals_single_launches() {
     assert!(!refused(&[&small, &small], &GpuSelection::Draft, 128));
 }
 
+#[test]
+fn declared_groups_launch_alone_as_in_the_group() {
+    let k = kernels();
+    let size_classes =
+        std::env::var("JITDELTA_KERNEL_DEFINES").map_or(true, |d| d.trim().is_empty());
+    // Each alone at most `tall_tiles` tiles (the default variant), together more (the tall
+    // one): a layer's q, k and v on a model of hidden size ~4K.
+    let cols = 4096;
+    let rows = [k.tall_tiles() as usize * 16 - 512, 512, 512];
+    let residents: Vec<_> = rows
+        .iter()
+        .map(|&r| resident(&weight_like(r, cols, r as u64 + 5), r, cols, 64))
+        .collect();
+    let gs: Vec<GpuResident> = residents.iter().map(|t| k.upload(t).unwrap()).collect();
+    let refs: Vec<&GpuResident> = gs.iter().collect();
+    let mut rng = StdRng::seed_from_u64(21);
+    let xs: Vec<(usize, Vec<bf16>)> = [1usize, 4]
+        .iter()
+        .map(|&b| {
+            let x = (0..b * cols)
+                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
+                .collect();
+            (b, x)
+        })
+        .collect();
+    let singles = |sel: &GpuSelection| -> Vec<Vec<bf16>> {
+        xs.iter()
+            .flat_map(|(b, x)| gs.iter().map(|g| gemv_on_gpu(&k, g, sel, x, *b)))
+            .collect()
+    };
+    let class = |want: GemvClass| {
+        let want = if size_classes {
+            want
+        } else {
+            GemvClass::Default
+        };
+        for g in &gs {
+            assert_eq!(k.gemv_class(g), want, "{:?}", g.dims());
+        }
+    };
+    class(GemvClass::Default);
+    GpuResident::launch_together(&refs);
+    class(GemvClass::Tall);
+    for sel in [GpuSelection::Exact, GpuSelection::Draft] {
+        let after = singles(&sel);
+        let grouped: Vec<Vec<bf16>> = xs
+            .iter()
+            .flat_map(|(b, x)| group_on_gpu(&k, &refs, &sel, x, *b))
+            .collect();
+        let bits =
+            |v: &Vec<Vec<bf16>>| -> Vec<u16> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+        assert_eq!(
+            bits(&grouped),
+            bits(&after),
+            "{sel:?}: grouped differs from single launches"
+        );
+        // And the tall variant's sums are right.
+        let chunks = match sel {
+            GpuSelection::Exact => ChunkSelection::Exact,
+            _ => ChunkSelection::Draft,
+        };
+        for ((b, x), outs) in xs.iter().zip(after.chunks(gs.len())) {
+            for ((t, &r), got) in residents.iter().zip(&rows).zip(outs) {
+                let err = gemv_error(got, &gemv(t, &chunks, x, *b).unwrap());
+                assert!(err <= 1.0, "{r} rows, batch {b}, {sel:?}: error {err}");
+            }
+        }
+    }
+}
+
 /// The smallest magnitude that BF16 rounds to infinity: the largest finite value plus half a
 /// step.
 const BF16_OVERFLOW: f64 = (2.0 - 1.0 / 256.0) * 1.7014118346046923e38;
@@ -1052,4 +1122,60 @@ fn dependent_launch_chains_equal_plain_launches() {
             assert_same_bits(a, b, &format!("{rows}x{cols} {sel} with dependent launch"));
         }
     }
+}
+
+#[test]
+fn logit_stats_match_the_reference() {
+    let d = decoder_kernels();
+    let st = d.stream().clone();
+    let mut rng = StdRng::seed_from_u64(31);
+    let mut rows: Vec<Vec<f32>> = [1usize, 7, 1024, 49_152, 128_256]
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.random::<f32>() * 30.0 - 20.0).collect())
+        .collect();
+    // Ties at the top (the first index must win), a NaN, -inf, a lone +inf, all -inf.
+    let mut tied = rows[3].clone();
+    tied[100] = 50.0;
+    tied[40_000] = 50.0;
+    tied[7] = f32::NAN;
+    tied[8] = f32::NEG_INFINITY;
+    rows.push(tied);
+    let mut inf = rows[2].clone();
+    inf[500] = f32::INFINITY;
+    rows.push(inf);
+    rows.push(vec![f32::NEG_INFINITY; 300]);
+    for row in &rows {
+        let want = decoder_ops::logit_stats(row).unwrap();
+        let x = st.clone_htod(row).unwrap();
+        let mut out = st.clone_htod(&[f32::NAN; 5]).unwrap();
+        d.logit_stats(&x.as_view(), &mut out.as_view_mut()).unwrap();
+        let got = st.clone_dtoh(&out).unwrap();
+        let n = row.len();
+        assert_eq!(got[0] as f64, want[0], "argmax, {n} logits");
+        assert_eq!(got[3] as f64, want[3], "l2, {n} logits");
+        assert_eq!(got[4] as f64, want[4], "ties, {n} logits");
+        let tol = 1e-5 * (want[1] + want[2].abs()) + 1e-30;
+        assert!(
+            (got[1] as f64 - want[1]).abs() <= tol,
+            "Z {} vs {}",
+            got[1],
+            want[1]
+        );
+        assert!(
+            (got[2] as f64 - want[2]).abs() <= tol,
+            "S {} vs {}",
+            got[2],
+            want[2]
+        );
+    }
+    let x = st.clone_htod(&[0f32; 4]).unwrap();
+    let mut short = st.alloc_zeros::<f32>(4).unwrap();
+    assert!(d
+        .logit_stats(&x.as_view(), &mut short.as_view_mut())
+        .is_err());
+    let empty = st.alloc_zeros::<f32>(1).unwrap();
+    let mut out = st.alloc_zeros::<f32>(5).unwrap();
+    assert!(d
+        .logit_stats(&empty.slice(0..0), &mut out.as_view_mut())
+        .is_err());
 }

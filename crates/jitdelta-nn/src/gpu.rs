@@ -8,6 +8,8 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use half::bf16;
 use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels, MAX_GEMV_BATCH, MAX_GEMV_GROUP};
+
+const _: () = assert!(crate::GPU_FUSED_ROWS == MAX_GEMV_BATCH);
 use jitdelta_kernels::reference::ChunkSelection;
 use std::sync::{Arc, Mutex};
 

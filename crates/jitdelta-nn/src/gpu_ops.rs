@@ -13,8 +13,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout, Shape,
-    Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout,
+    Shape, Storage, Tensor,
 };
 use half::bf16;
 use jitdelta_kernels::attention::AttentionShape;
@@ -126,6 +126,26 @@ impl FusedOps {
             kernels: self.kernels(gate.device())?,
         };
         Ok(Some(gate.apply_op2_no_bwd(up, &op)?))
+    }
+}
+
+impl FusedOps {
+    /// `[argmax, Z, S, l2, ties]` of a row of f32 logits (any shape holding one row) as an f32
+    /// tensor of 5, in one launch ([`jitdelta_kernels::decoder_ops::logit_stats`]); `None`
+    /// unless the logits are f32 on CUDA and a row the kernel takes.
+    pub(crate) fn logit_stats(&self, logits: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !logits.device().is_cuda()
+            || logits.dtype() != DType::F32
+            || jitdelta_kernels::decoder_ops::check_logit_stats(logits.elem_count()).is_err()
+        {
+            return Ok(None);
+        }
+        let op = LogitStats {
+            kernels: self.kernels(logits.device())?,
+        };
+        Ok(Some(
+            logits.flatten_all()?.contiguous()?.apply_op1_no_bwd(&op)?,
+        ))
     }
 }
 
@@ -499,5 +519,36 @@ impl CustomOp2 for SiluMul<'_> {
             .silu_mul(&gate, &up, &mut out.as_view_mut())
             .map_err(candle_core::Error::wrap)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+    }
+}
+
+struct LogitStats<'a> {
+    kernels: &'a DecoderKernels,
+}
+
+impl CustomOp1 for LogitStats<'_> {
+    fn name(&self) -> &'static str {
+        "jitdelta-logit-stats"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused logit stats kernel runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("logit stats need contiguous logits, got {l:?}");
+        };
+        let all = s.as_cuda_slice::<f32>()?;
+        let Some(logits) = all.try_slice(start..end) else {
+            candle_core::bail!("logit stats: elements {start}..{end} of {}", all.len());
+        };
+        let dev = s.device().clone();
+        // SAFETY: the kernel writes all 5 outputs (lengths checked, else an error).
+        let mut out = unsafe { dev.alloc::<f32>(5) }?;
+        self.kernels
+            .logit_stats(&logits, &mut out.as_view_mut())
+            .map_err(candle_core::Error::wrap)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(5)))
     }
 }

@@ -178,6 +178,20 @@ impl JitLinear {
         y.to_dtype(dtype)
     }
 
+    /// Declares `layers` one grouped launch for kernel choice
+    /// ([`GpuResident::launch_together`](jitdelta_kernels::gpu::GpuResident::launch_together));
+    /// layers not in GPU memory are left out.
+    pub(crate) fn launch_together(layers: &[&JitLinear]) {
+        let tensors: Vec<_> = layers
+            .iter()
+            .filter_map(|l| match &l.store {
+                WeightStore::Gpu(g) => Some(&g.tensor),
+                _ => None,
+            })
+            .collect();
+        jitdelta_kernels::gpu::GpuResident::launch_together(&tensors);
+    }
+
     /// `layers` (all reading `x`) in one launch of the grouped GPU kernel, each output as its
     /// own `forward` gives it bit for bit; `None` where that does not apply (a layer not in GPU
     /// memory, a routed plan, more than 8 rows, tensors the kernel cannot group).

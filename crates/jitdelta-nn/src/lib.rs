@@ -68,3 +68,8 @@ pub use linear::{DenseLinear, LinearLayer};
 pub use mode::{ChunkSet, Mode, ModeHandle};
 pub use models::{CausalLm, ForwardOutput, Logits, ModelInfo};
 pub use source::{compute_dtype, DenseSource, JitOptions, JitSource, LayerSource, WeightLayout};
+
+/// Rows a JIT layer on CUDA multiplies in one fused decode-GEMV launch: a forward pass over
+/// more positions (a long speculative verify block) runs its layers in several launches, and
+/// from a prefill's size on decodes the weights for cuBLAS instead.
+pub const GPU_FUSED_ROWS: usize = 8;

@@ -46,6 +46,23 @@ pub(crate) fn forward_all<const N: usize>(
     })
 }
 
+/// Declares that `layers` run together ([`forward_all`]) for the life of the model: JIT layers
+/// in GPU memory then pick their kernel by the group's size in every launch, grouped or not,
+/// so a layer's output does not depend on whether it ran in the group (routed mode runs them
+/// one by one). Call it once at load, before any forward pass.
+pub(crate) fn declare_group(layers: &[&Arc<dyn LinearLayer>]) {
+    #[cfg(feature = "cuda")]
+    if let Some(jits) = layers
+        .iter()
+        .map(|l| l.as_jit())
+        .collect::<Option<Vec<_>>>()
+    {
+        JitLinear::launch_together(&jits);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = layers;
+}
+
 #[cfg(feature = "cuda")]
 fn grouped(
     layers: &[&Arc<dyn LinearLayer>],

@@ -3,7 +3,7 @@
 
 use super::rope::{Rope, Scaling};
 use super::{ForwardOutput, Logits, ModelInfo};
-use crate::linear::forward_all;
+use crate::linear::{declare_group, forward_all};
 use crate::{Error, KvCache, LayerSource, LinearLayer, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -89,6 +89,17 @@ fn norm(source: &dyn LayerSource, name: &str, size: usize) -> Result<Tensor> {
 }
 
 impl Decoder {
+    /// [`CausalLm::logit_stats`](super::CausalLm::logit_stats): the fused kernel on CUDA.
+    pub(crate) fn logit_stats(&self, logits: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        return Ok(self.fused.logit_stats(logits)?);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = logits;
+            Ok(None)
+        }
+    }
+
     /// Builds the decoder from `source` (Hugging Face tensor names).
     pub(crate) fn load(
         source: &dyn LayerSource,
@@ -112,7 +123,7 @@ impl Decoder {
                 let p = format!("model.layers.{l}");
                 let lin =
                     |name: &str, shape, bias| source.linear(&format!("{p}.{name}"), shape, bias);
-                Ok(Block {
+                let block = Block {
                     input_norm: norm(source, &format!("{p}.input_layernorm.weight"), h)?,
                     post_norm: norm(source, &format!("{p}.post_attention_layernorm.weight"), h)?,
                     q: lin("self_attn.q_proj", (q_size, h), cfg.qkv_bias)?,
@@ -122,7 +133,11 @@ impl Decoder {
                     gate: lin("mlp.gate_proj", (i, h), cfg.mlp_bias)?,
                     up: lin("mlp.up_proj", (i, h), cfg.mlp_bias)?,
                     down: lin("mlp.down_proj", (h, i), cfg.mlp_bias)?,
-                })
+                };
+                // The groups `forward_all` runs.
+                declare_group(&[&block.q, &block.k, &block.v]);
+                declare_group(&[&block.gate, &block.up]);
+                Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = norm(source, "model.norm.weight", h)?;

@@ -58,6 +58,10 @@ macro_rules! decoder_causal_lm {
             ) -> Result<ForwardOutput> {
                 self.decoder.forward_ids(ids, offset, cache, logits, true)
             }
+
+            fn logit_stats(&self, logits: &Tensor) -> Result<Option<Tensor>> {
+                self.decoder.logit_stats(logits)
+            }
         }
     };
 }
@@ -171,6 +175,15 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<ForwardOutput> {
         let tokens = Tensor::from_slice(ids, (1, ids.len()), self.device())?;
         self.forward_with_hidden(&tokens, offset, cache, logits)
+    }
+
+    /// `[argmax, Z, S, l2, ties]` of one row of this model's logits (what a greedy speculative
+    /// draft reads; `jitdelta-kernels`' `decoder_ops::logit_stats` defines them) as an f32
+    /// tensor of 5, computed in one kernel where the model has one (CUDA); `None` elsewhere,
+    /// and the caller computes them with tensor ops.
+    fn logit_stats(&self, logits: &Tensor) -> Result<Option<Tensor>> {
+        let _ = logits;
+        Ok(None)
     }
 }
 
