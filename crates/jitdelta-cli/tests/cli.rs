@@ -840,6 +840,11 @@ fn generate_speculative_matches_exact_and_reports_acceptance() {
         assert!(s["mean_accepted_length"].as_f64().unwrap() >= 0.0);
         let passes = s["target_passes_per_token"].as_f64().unwrap();
         assert!(passes > 0.0 && passes <= 1.0, "{spec}");
+        // Every round drafts here (6 tokens, no auto-off), so both pass kinds were timed.
+        for key in ["mean_draft_pass_ms", "mean_verify_pass_ms"] {
+            let ms = spec["speculative"][key].as_f64().unwrap();
+            assert!(ms > 0.0 && ms.is_finite(), "{key}: {spec}");
+        }
         let state = &spec["speculative"]["controller"];
         assert_eq!(state["controller"], controller);
         let arms = state["arms"].as_array().unwrap();

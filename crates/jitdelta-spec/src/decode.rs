@@ -52,6 +52,20 @@ impl DraftRow {
         sampling: &Sampling,
         hidden_rms: Option<[Tensor; 2]>,
     ) -> Result<Self> {
+        Self::from_device_stats(logits, None, sampling, hidden_rms)
+    }
+
+    /// [`DraftRow::from_device`] given, when greedy, the reductions already computed on the
+    /// device by a fused kernel (`stats`, five f32 values in [`greedy_reductions`]' order, as
+    /// [`CausalLm::logit_stats`](jitdelta_nn::CausalLm::logit_stats) returns them): one launch
+    /// in place of some sixteen tensor ops, whose host time showed in every draft pass on the
+    /// GPU. `None`, or sampling, computes as `from_device` does.
+    pub fn from_device_stats(
+        logits: &Tensor,
+        stats: Option<Tensor>,
+        sampling: &Sampling,
+        hidden_rms: Option<[Tensor; 2]>,
+    ) -> Result<Self> {
         let rms = hidden_rms.map_or(Ok(Vec::new()), |h| {
             h.iter()
                 .map(|t| match t.elem_count() {
@@ -74,7 +88,17 @@ impl DraftRow {
             Ok((v, hidden))
         };
         if sampling.is_greedy() && logits.elem_count() <= F32_EXACT_INDEX {
-            let (v, hidden) = fetch(Tensor::stack(&greedy_reductions(logits)?, 0)?)?;
+            let stats = match stats {
+                Some(s) if s.elem_count() == 5 => s.flatten_all()?.to_dtype(DType::F32)?,
+                Some(s) => {
+                    return Err(Error::InvalidInput(format!(
+                        "{} logit stats, expected 5",
+                        s.elem_count()
+                    )))
+                }
+                None => Tensor::stack(&greedy_reductions(logits)?, 0)?,
+            };
+            let (v, hidden) = fetch(stats)?;
             let mut signals = Signals::from_reductions(v[1], v[2], v[3], v[4]);
             signals.hidden_rms = hidden;
             return Ok(DraftRow {
@@ -213,27 +237,22 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// The counters.
     pub stats: SpecStats,
+    /// Wall time of its draft and verify passes (the prompt's pass not included).
+    pub pass_times: PassTimer,
 }
 
-/// Wall time of draft and verify passes, for
-/// [`ControllerConfig::measure_draft_cost`](crate::ControllerConfig::measure_draft_cost). The
-/// passes read their results back to the host, so their wall time is their cost.
-#[derive(Clone, Debug, Default)]
+/// Wall time of draft and verify passes: what
+/// [`ControllerConfig::measure_draft_cost`](crate::ControllerConfig::measure_draft_cost) feeds
+/// the controller, and what shows where a generation's time went against the cost model
+/// (docs/speculative.md). The passes read their results back to the host, so their wall time is
+/// their cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PassTimer {
-    enabled: bool,
     draft: (Duration, u32),
     verify: (Duration, u32),
 }
 
 impl PassTimer {
-    /// A timer that measures only when `enabled`.
-    pub fn new(enabled: bool) -> Self {
-        Self {
-            enabled,
-            ..Self::default()
-        }
-    }
-
     /// Records one draft pass of `d`.
     pub fn record_draft(&mut self, d: Duration) {
         self.draft = (self.draft.0 + d, self.draft.1 + 1);
@@ -246,15 +265,21 @@ impl PassTimer {
 
     /// Mean draft pass time over mean verify pass time, once both were seen.
     pub fn draft_cost(&self) -> Option<f64> {
-        let mean = |(total, n): (Duration, u32)| (n > 0).then(|| total.as_secs_f64() / n as f64);
-        let (d, v) = (mean(self.draft)?, mean(self.verify)?);
-        (v > 0.0).then(|| d / v)
+        let (d, v) = (self.mean_draft()?, self.mean_verify()?);
+        (v > Duration::ZERO).then(|| d.as_secs_f64() / v.as_secs_f64())
+    }
+
+    /// Mean wall time of a draft pass, once one was seen.
+    pub fn mean_draft(&self) -> Option<Duration> {
+        mean(self.draft)
+    }
+
+    /// Mean wall time of a verify pass, once one was seen.
+    pub fn mean_verify(&self) -> Option<Duration> {
+        mean(self.verify)
     }
 
     fn time<T>(&mut self, verify: bool, f: impl FnOnce() -> T) -> T {
-        if !self.enabled {
-            return f();
-        }
         let start = Instant::now();
         let out = f();
         let d = start.elapsed();
@@ -273,6 +298,10 @@ impl PassTimer {
     fn verify<T>(&mut self, f: impl FnOnce() -> T) -> T {
         self.time(true, f)
     }
+}
+
+fn mean((total, n): (Duration, u32)) -> Option<Duration> {
+    (n > 0).then(|| total / n)
 }
 
 /// Probability of keeping a drafted `token`: `min(1, p(token) / q(token))`.
@@ -369,8 +398,10 @@ pub fn generate(
     model.rollback(0, 0)?;
     let mut seq = prompt.to_vec();
     let mut stats = SpecStats::default();
-    let mut timer = PassTimer::new(controller.config().measure_draft_cost);
+    let mut timer = PassTimer::default();
     let mut done = opts.max_new == 0;
+    // The draft's pass over the prompt, run in the prompt's round (see below).
+    let mut prompt_row = None;
     while !done {
         let n = seq.len();
         // The first round drafts nothing: the target reads the prompt alone, as plain decoding
@@ -387,7 +418,10 @@ pub fn generate(
         };
         let (mut drafts, mut draft_probs, mut signals) = (Vec::new(), Vec::new(), Vec::new());
         if cap > 0 {
-            let mut row = timer.draft(|| model.draft(&seq[model.draft_len()..], sampling))?;
+            let mut row = match prompt_row.take() {
+                Some(row) => row,
+                None => timer.draft(|| model.draft(&seq[model.draft_len()..], sampling))?,
+            };
             controller.begin_round(&row.signals, n);
             loop {
                 stats.draft_passes += 1;
@@ -416,7 +450,10 @@ pub fn generate(
             timer.verify(|| model.verify(&feed, drafts.len() + 1, sampling))?
         };
         stats.target_passes += 1;
-        if let Some(c) = timer.draft_cost() {
+        if let Some(c) = timer
+            .draft_cost()
+            .filter(|_| controller.config().measure_draft_cost)
+        {
             controller.set_draft_cost(c);
         }
         let (accepted, next) = verify_drafts(&drafts, &draft_probs, &rows, sampling, &mut rng)?;
@@ -429,7 +466,6 @@ pub fn generate(
         for &t in drafts[..accepted].iter().chain([&next]) {
             seq.push(t);
             stats.tokens += 1;
-            on_token(t)?;
             if opts.stop.contains(&t) || stats.tokens >= opts.max_new {
                 done = true;
                 break;
@@ -437,10 +473,23 @@ pub fn generate(
         }
         let keep = n + accepted;
         model.rollback(model.draft_len().min(keep), keep)?;
+        // The next round's first draft pass reads the whole prompt (and the first token): run
+        // it now, before the first token goes out, so both models read the prompt before it,
+        // as plain decoding does, and the decode time after it holds no prompt pass (on a GPU
+        // a prompt pass decodes every weight for cuBLAS: ~50 ms at 7B, some 10 draft steps).
+        // The same pass with the same tokens as in the next round: nothing else changes. Not
+        // timed, as the target's prompt pass is not.
+        if !done && model.draft_len() == 0 && stats.tokens + 1 < opts.max_new {
+            prompt_row = Some(model.draft(&seq, sampling)?);
+        }
+        for &t in &seq[n..] {
+            on_token(t)?;
+        }
     }
     Ok(Generation {
         tokens: seq[prompt.len()..].to_vec(),
         stats,
+        pass_times: timer,
     })
 }
 
@@ -451,14 +500,33 @@ mod tests {
     use crate::{Controller, ControllerConfig, Signals};
 
     #[test]
+    fn precomputed_stats_give_the_same_row_and_bad_ones_an_error() {
+        let logits = Tensor::new(&[0.5f32, 3.0, -1.0, 3.0, 2.5], &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 5))
+            .unwrap();
+        let greedy = Sampling::Greedy;
+        let plain = DraftRow::from_device(&logits, &greedy, None).unwrap();
+        let stats =
+            Tensor::stack(&crate::sampling::greedy_reductions(&logits).unwrap(), 0).unwrap();
+        let fused = DraftRow::from_device_stats(&logits, Some(stats), &greedy, None).unwrap();
+        assert_eq!((fused.argmax, fused.signals), (plain.argmax, plain.signals));
+        assert_eq!(fused.argmax, 1, "the first of the tied maxima");
+        let four = Tensor::zeros(4, DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(DraftRow::from_device_stats(&logits, Some(four), &greedy, None).is_err());
+    }
+
+    #[test]
     fn pass_timer_reports_the_ratio_of_mean_times() {
-        let mut t = PassTimer::new(true);
+        let mut t = PassTimer::default();
         assert_eq!(t.draft_cost(), None);
+        assert_eq!(t.mean_verify(), None);
         t.record_draft(Duration::from_millis(2));
         assert_eq!(t.draft_cost(), None, "no verify pass yet");
         t.record_draft(Duration::from_millis(4));
         t.record_verify(Duration::from_millis(6));
         assert!((t.draft_cost().unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(t.mean_draft(), Some(Duration::from_millis(3)));
         t.record_verify(Duration::ZERO);
         assert!((t.draft_cost().unwrap() - 1.0).abs() < 1e-12);
         let zero = PassTimer {
@@ -515,6 +583,83 @@ mod tests {
             self.target.truncate(t);
             Ok(())
         }
+    }
+
+    /// A model that logs its passes (and how many tokens each read) into a shared log.
+    struct Logged<'a> {
+        inner: Sleepy,
+        log: &'a std::cell::RefCell<Vec<String>>,
+    }
+
+    impl SpecModel for Logged<'_> {
+        fn draft(&mut self, tokens: &[u32], s: &Sampling) -> Result<DraftRow> {
+            self.log
+                .borrow_mut()
+                .push(format!("draft {}", tokens.len()));
+            self.inner.draft(tokens, s)
+        }
+        fn verify(&mut self, tokens: &[u32], rows: usize, s: &Sampling) -> Result<Vec<TargetRow>> {
+            self.log
+                .borrow_mut()
+                .push(format!("verify {}", tokens.len()));
+            self.inner.verify(tokens, rows, s)
+        }
+        fn draft_len(&self) -> usize {
+            self.inner.draft_len()
+        }
+        fn target_len(&self) -> usize {
+            self.inner.target_len()
+        }
+        fn rollback(&mut self, d: usize, t: usize) -> Result<()> {
+            self.inner.rollback(d, t)
+        }
+    }
+
+    #[test]
+    fn the_draft_reads_the_prompt_before_the_first_token_goes_out() {
+        let log = std::cell::RefCell::new(Vec::new());
+        let mut model = Logged {
+            inner: Sleepy {
+                draft: vec![],
+                target: vec![],
+                draft_ms: 0,
+                verify_ms: 0,
+                wrong_every: 5,
+            },
+            log: &log,
+        };
+        let opts = GenerateOptions {
+            max_new: 12,
+            sampling: Sampling::Greedy,
+            stop: vec![],
+            seed: 0,
+        };
+        let mut controller =
+            Controller::new("fixed:3".parse().unwrap(), ControllerConfig::default());
+        let out = generate(&mut model, &mut controller, &[10, 11, 12], &opts, |t| {
+            log.borrow_mut().push(format!("token {t}"));
+            Ok(())
+        })
+        .unwrap();
+        // Counting up from the prompt's last token: what the target itself says.
+        assert_eq!(out.tokens, (13..25).collect::<Vec<u32>>());
+        // The target reads the prompt, the draft the prompt and the first token, and only then
+        // does the first token go out; the next round drafts on from there.
+        assert_eq!(
+            log.borrow()[..5],
+            ["verify 3", "draft 4", "token 13", "draft 1", "draft 1"]
+        );
+        // That pass counts as a draft pass: its row drafts the next round's first token.
+        assert_eq!(out.stats.draft_passes, out.stats.drafted);
+        // Too short a generation for a second round: the draft never reads the prompt.
+        log.borrow_mut().clear();
+        model.inner.draft.clear();
+        let two = GenerateOptions { max_new: 2, ..opts };
+        generate(&mut model, &mut controller, &[10, 11, 12], &two, |_| Ok(())).unwrap();
+        assert!(
+            log.borrow().iter().all(|e| e.starts_with("verify")),
+            "{log:?}"
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@ use jitdelta_nn::{CausalLm, KvCache, Logits, Mode, ModeHandle};
 /// in [`Mode::Exact`]. Works on whatever device the model lives on: only what the loop reads
 /// comes back to the host, in one copy per pass: per draft pass, when greedy, the argmax, the
 /// signals' five reductions over the vocabulary and two hidden-state RMS values (computed on
-/// the device, [`DraftRow::from_device`]; the RMS values only [`SelfSpec::with_hidden_features`]),
+/// the device, in one kernel where the model has one, [`CausalLm::logit_stats`], else by
+/// [`DraftRow::from_device`]; the RMS values only [`SelfSpec::with_hidden_features`]),
 /// when sampling the last logits row (the draw needs `q`) and the two RMS values; per verify
 /// pass, the target's argmaxes, or its rows when
 /// sampling.
@@ -93,7 +94,12 @@ impl SpecModel for SelfSpec<'_> {
         let out = self.draft_pass(tokens);
         self.mode.set_mode(Mode::Exact);
         let (logits, hidden_rms) = out?;
-        DraftRow::from_device(&logits, sampling, hidden_rms)
+        let stats = if sampling.is_greedy() {
+            self.model.logit_stats(&logits)?
+        } else {
+            None
+        };
+        DraftRow::from_device_stats(&logits, stats, sampling, hidden_rms)
     }
 
     fn verify(
