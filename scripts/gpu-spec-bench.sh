@@ -12,7 +12,8 @@
 # and prints per mode: decode tokens/s (first token to last: no prefill, no first-use kernel
 # compilation), speed-up over dense BF16, acceptance, passes per token, the
 # cost model's prediction (docs/speculative.md) and whether the ids equal plain Exact's.
-# PROMPTS=n uses the first n of the 3 built-in prompts (default 3).
+# PROMPTS=n uses the first n of the 3 built-in prompts (default 3). BASELINES="dense exact"
+# skips the plain Draft runs (default "dense exact draft"; the cost model needs draft).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${1:?usage: $0 MODEL_DIR [TOKENS] [CONTROLLER...]}"
@@ -48,9 +49,13 @@ print(json.dumps(d))' "$name" "$p" >>"$jsonl"
 }
 $J generate --model "$work/model.jd" --device cuda --prompt warm-up --max-tokens 8 --quiet >/dev/null
 for p in "${!prompts[@]}"; do
-    run dense "$p" --model "$model"
-    run exact "$p" --model "$work/model.jd"
-    run draft "$p" --model "$work/model.jd" --mode draft
+    for b in ${BASELINES:-dense exact draft}; do
+        case $b in
+        dense) run dense "$p" --model "$model" ;;
+        exact) run exact "$p" --model "$work/model.jd" ;;
+        draft) run draft "$p" --model "$work/model.jd" --mode draft ;;
+        esac
+    done
     for c in "${controllers[@]}"; do
         # CONTROLLER@COST passes --draft-cost COST (a number, or auto to measure it).
         cost=()
@@ -72,10 +77,13 @@ def totals(name):
 _, n_dense, t_dense = totals("dense")
 _, n_exact, t_exact = totals("exact")
 _, n_draft, t_draft = totals("draft")
+plain = n_draft > 0  # the plain Draft runs, which the cost model needs
 exact_ids = {r["prompt_index"]: r["token_ids"] for r in runs if r["run"] == "exact"}
 print("| run | tokens/s | vs dense BF16 | acceptance | accepted / round | target passes / token "
-      "| draft passes / token | cost model tokens/s | ids == plain Exact |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+      "| draft passes / token | cost model tokens/s | draft / verify pass ms (plain steps "
+      + (f"{1e3 * t_draft / n_draft:.2f}" if plain else "-")
+      + f" / {1e3 * t_exact / n_exact:.2f}) | ids == plain Exact |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for name in names:
     rs, n, t = totals(name)
     row = [name, f"{n / t:.1f}", f"{t_dense / n_dense / (t / n):.2f}x"]
@@ -87,11 +95,16 @@ for name in names:
         acc = sum(s["accepted"] for s in st)
         rounds = sum(s["rounds"] for s in st)
         # Cost model: every target pass costs a plain Exact step, every draft pass a Draft step.
-        predicted = n / (tp * t_exact / n_exact + dp * t_draft / n_draft)
+        predicted = n / (tp * t_exact / n_exact + dp * t_draft / n_draft) if plain else float("nan")
+        # Mean pass times over the prompts, weighted by their pass counts.
+        def mean_ms(key, count):
+            w = [(r["speculative"][key], s[count]) for r, s in zip(rs, st) if r["speculative"].get(key)]
+            return sum(m * c for m, c in w) / max(sum(c for _, c in w), 1)
         row += [f"{acc / max(drafted, 1):.3f}", f"{acc / max(rounds, 1):.2f}", f"{tp / n:.3f}",
-                f"{dp / n:.3f}", f"{predicted:.1f}"]
+                f"{dp / n:.3f}", f"{predicted:.1f}",
+                f"{mean_ms('mean_draft_pass_ms', 'draft_passes'):.2f} / {mean_ms('mean_verify_pass_ms', 'target_passes'):.2f}"]
     else:
-        row += ["", "", "", "", ""]
+        row += ["", "", "", "", "", ""]
     same = all(r["token_ids"] == exact_ids[r["prompt_index"]] for r in rs)
     row.append("yes" if same else "NO")
     print("| " + " | ".join(row) + " |")

@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! cargo run --release -p jitdelta-nn --features cuda --example gpu_e2e -- MODEL_DIR [MODEL.jd] \
-//!     [--tokens 64] [--prompt 32] [--modes dense,exact,draft] [--json OUT]
+//!     [--tokens 64] [--prompt 32] [--modes dense,exact,draft] [--block 4] [--json OUT]
 //! ```
 //!
 //! MODEL_DIR is a safetensors Llama folder (e.g. a Llama-3-8B-shaped synthetic one from
 //! `jitdelta-format`'s `synth_model` example); MODEL.jd (default MODEL_DIR.jd) is compressed
 //! from it when missing. Prompt and tokens are fixed ids, decoding is greedy, every step ends
-//! with a device synchronisation. `scripts/gpu-e2e.sh` runs it on the device machine.
+//! with a device synchronisation. After the decode loop two more timings: a pass over `--block`
+//! tokens at the end of the sequence (what a speculative verify pass of `block - 1` drafts costs;
+//! the cache is rolled back after each), and steps queued back to back with one synchronisation
+//! at the end (the GPU's own time per step, without the host's turn between steps).
+//! `scripts/gpu-e2e.sh` runs it on the device machine.
 
 use candle_core::Device;
 use jitdelta_format::{compress_model, EncodeOptions};
@@ -26,6 +30,7 @@ struct Args {
     tokens: usize,
     prompt: usize,
     modes: Vec<String>,
+    block: usize,
     json: Option<PathBuf>,
 }
 
@@ -41,6 +46,7 @@ fn parse() -> Res<Args> {
         tokens: 64,
         prompt: 32,
         modes: vec!["dense".into(), "exact".into(), "draft".into()],
+        block: 4,
         json: None,
     };
     while let Some(arg) = it.next() {
@@ -49,6 +55,7 @@ fn parse() -> Res<Args> {
             "--tokens" => a.tokens = value()?.parse()?,
             "--prompt" => a.prompt = value()?.parse()?,
             "--modes" => a.modes = value()?.split(',').map(str::to_owned).collect(),
+            "--block" => a.block = value()?.parse()?,
             "--json" => a.json = Some(value()?.into()),
             s if !s.starts_with("--") => a.jd = s.into(),
             s => return Err(format!("unknown argument {s}").into()),
@@ -113,17 +120,42 @@ fn run(mode: &str, args: &Args) -> Res<RunResult> {
         device.synchronize()?;
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let median = |v: &mut Vec<f64>| {
+    let middle = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let mean = step_ms.iter().sum::<f64>() / step_ms.len() as f64;
-    let (median, issue) = (median(&mut step_ms), median(&mut issue_ms));
+    let (median, issue) = (middle(&mut step_ms), middle(&mut issue_ms));
+    // Verify-shaped passes: `block` tokens at the end of the sequence, rolled back each time.
+    let block: Vec<u32> = (0..args.block as u32)
+        .map(|i| (i * 104_729 + 7) % vocab)
+        .collect();
+    let mut block_ms = Vec::new();
+    for _ in 0..if block.is_empty() { 0 } else { 9 } {
+        let at = cache.len();
+        let t = Instant::now();
+        model.forward_ids(&block, at, &mut cache, Logits::All)?;
+        device.synchronize()?;
+        block_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        cache.truncate(at)?;
+    }
+    let block_median = middle(&mut block_ms);
+    // The same steps with nothing read back in between: the host runs ahead of the GPU.
+    let queued = args.tokens.min(32);
+    let t = Instant::now();
+    for &id in tokens.iter().take(queued) {
+        model.forward_ids(&[id], cache.len(), &mut cache, Logits::Last)?;
+    }
+    device.synchronize()?;
+    let queued_ms = t.elapsed().as_secs_f64() * 1e3 / queued.max(1) as f64;
     println!(
         "{mode:>5}: {:.1} tokens/s (median step {median:.2} ms, of which {issue:.2} ms to queue it on the host; \
-         mean {mean:.2} ms), prefill {} tokens {:.1} ms, \
+         mean {mean:.2} ms; queued back to back {queued_ms:.2} ms; a {}-token pass {block_median:.2} ms = \
+         {:.2} steps), prefill {} tokens {:.1} ms, \
          weights {:.2} GB (source count), GPU memory used by the load {:.2} GB, load {load_s:.1} s",
         1e3 / median,
+        block.len(),
+        block_median / median,
         args.prompt,
         prefill_s * 1e3,
         source.weight_bytes() as f64 / 1e9,
@@ -132,7 +164,8 @@ fn run(mode: &str, args: &Args) -> Res<RunResult> {
     Ok(RunResult {
         json: serde_json::json!({
             "mode": mode, "tokens_per_s": 1e3 / median, "median_step_ms": median, "mean_step_ms": mean,
-            "median_host_issue_ms": issue,
+            "median_host_issue_ms": issue, "queued_step_ms": queued_ms,
+            "block_tokens": block.len(), "median_block_ms": block_median,
             "prefill_ms": prefill_s * 1e3, "prompt_tokens": args.prompt, "weight_bytes": source.weight_bytes(),
             "gpu_bytes_used_by_load": held, "load_s": load_s,
         }),
