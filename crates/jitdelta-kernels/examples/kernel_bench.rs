@@ -424,14 +424,16 @@ fn main() -> Res<()> {
             }));
         }
         println!(
-            "{rows:>5}x{cols:<5}: bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy) [{decode_dirty_gbs:.0} GB/s, {:.0}%]",
+            "{rows:>5}x{cols:<5}: {:?} class, bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy) [{decode_dirty_gbs:.0} GB/s, {:.0}%]",
+            kernels.gemv_class(&g),
             100.0 * t.escape_count() as f64 / (rows * cols) as f64,
             100.0 * held,
             100.0 * decode_gbs / copy_gbs,
             100.0 * decode_dirty_gbs / copy_gbs
         );
         shapes.push(serde_json::json!({
-            "rows": rows, "cols": cols, "bit_exact": exact_ok, "gemv_error": gemv_err,
+            "rows": rows, "cols": cols, "class": format!("{:?}", kernels.gemv_class(&g)),
+            "bit_exact": exact_ok, "gemv_error": gemv_err,
             "escapes": t.escape_count(), "held_fraction_of_bf16": held,
             "decode_us": decode_us, "decode_gbs": decode_gbs,
             "decode_dirty_flush_us": decode_dirty_us, "decode_dirty_flush_gbs": decode_dirty_gbs,
