@@ -227,7 +227,7 @@ pub fn check_logit_stats(len: usize) -> Result<()> {
 /// `[argmax, Z, S, l2, ties]` of a row of logits, as the CUDA kernel computes them. With `m`
 /// the largest logit (NaN never counts) and `d_i = max(l_i - m, LOGIT_FLOOR)` in f32 (NaN
 /// gives the floor):
-/// - `argmax`: the first index holding `m` (0 when every logit is NaN or `-inf`);
+/// - `argmax`: the first index holding `m` (0 when every logit is NaN);
 /// - `Z = sum exp(d_i)` and `S = sum exp(d_i) d_i`: the softmax's normalizer relative to the top
 ///   logit, and what its entropy needs;
 /// - `l2`: the largest `d_i` below 0, the runner-up's distance (`2 * LOGIT_FLOOR` if none);
@@ -239,7 +239,7 @@ pub fn logit_stats(logits: &[f32]) -> Result<[f64; 5]> {
     check_logit_stats(logits.len())?;
     let (mut m, mut at) = (f32::NEG_INFINITY, None);
     for (i, &l) in logits.iter().enumerate() {
-        if l > m {
+        if l > m || (at.is_none() && l == m) {
             (m, at) = (l, Some(i));
         }
     }
@@ -255,7 +255,6 @@ pub fn logit_stats(logits: &[f32]) -> Result<[f64; 5]> {
             l2 = l2.max(d);
         }
     }
-    // An all NaN or -inf row has no index above -inf.
     Ok([at.unwrap_or(0) as f64, z, s, l2 as f64, ties as f64])
 }
 
@@ -442,6 +441,9 @@ mod tests {
             2.0 * LOGIT_FLOOR as f64,
             "no runner-up"
         );
+        // -inf is a maximum like any other value; NaN never is.
+        assert_eq!(logit_stats(&[f32::NAN, f32::NEG_INFINITY]).unwrap()[0], 1.0);
+        assert_eq!(logit_stats(&[f32::NAN; 2]).unwrap()[0], 0.0);
         assert!(logit_stats(&[]).is_err());
         assert!(check_logit_stats(MAX_LOGIT_STATS_LEN + 1).is_err());
     }

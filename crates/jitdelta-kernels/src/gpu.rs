@@ -545,8 +545,9 @@ impl Kernels {
     }
 
     /// The size class whose fused-GEMV variant runs `t`: by its shape and declared group
-    /// ([`GpuResident::launch_together`]), never by batch. Kernels built with tuning defines
-    /// ([`Kernels::with_defines`]) have one variant, the default.
+    /// ([`GpuResident::launch_together`]) and the device's SM count, never by batch (so a row's
+    /// bits may differ between GPU models, never between batch sizes). Kernels built with
+    /// tuning defines ([`Kernels::with_defines`]) have one variant, the default.
     pub fn gemv_class(&self, t: &GpuResident) -> GemvClass {
         let large = t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS;
         match (&self.gemv_large, &self.gemv_tall) {
@@ -567,7 +568,8 @@ impl Kernels {
     }
 
     /// Launches of more 16-row tiles than this (twice the device's SMs) take the tall variant
-    /// (4 warps, 4 blocks per SM): all their blocks then run at once, where the default's
+    /// (4 warps, 4 blocks per SM): up to 4 x SMs tiles all their blocks run at once, where the
+    /// default's
     /// 2 blocks per SM would leave a second, nearly empty wave (4608 rows: 288 tiles over 264
     /// slots on an H100; 1.05x -> 1.27x cuBLAS at 4608x12288, docs/benchmarks.md).
     pub fn tall_tiles(&self) -> u32 {

@@ -359,7 +359,7 @@ __device__ __forceinline__ void load_escapes(const u32* __restrict__ esc_pos, co
 // is the same for every batch size and every call. The list is weights-side data, so the first
 // pass's entries load before pdl_wait() and each next pass's with this pass's activations; a
 // pass then waits for its activations alone. An LM head holds ~1% escapes (SmolLM2's embedding:
-// ~760 a tile), which made this warp the tile's critical path at 128 entries a pass.
+// ~760 a tile), which made this warp the tile's critical path at 64 entries a pass.
 __device__ __forceinline__ void escape_corrections(
         const u32* __restrict__ esc_row_start, const u32* __restrict__ esc_pos,
         const float2* __restrict__ esc_corr, const u8* __restrict__ routed, int mode,

@@ -1,6 +1,6 @@
 //! The CUDA path of [`JitLinear`](crate::JitLinear): weights held on the GPU in the device
-//! layout of `jitdelta-kernels`, multiplied by the fused decode-GEMV for up to 8 rows, decoded
-//! to a transient BF16 matrix for a cuBLAS matmul beyond that.
+//! layout of `jitdelta-kernels`, multiplied by the fused decode-GEMV (8 rows a launch) for up
+//! to [`FUSED_MAX_ROWS`] rows, decoded to a transient BF16 matrix for a cuBLAS matmul beyond.
 
 use crate::mode::Plan;
 use candle_core::backend::BackendStorage;
@@ -8,10 +8,10 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use half::bf16;
 use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels, MAX_GEMV_BATCH, MAX_GEMV_GROUP};
-
-const _: () = assert!(crate::GPU_FUSED_ROWS == MAX_GEMV_BATCH);
 use jitdelta_kernels::reference::ChunkSelection;
 use std::sync::{Arc, Mutex};
+
+const _: () = assert!(crate::GPU_FUSED_ROWS == MAX_GEMV_BATCH);
 
 /// A layer's weights in GPU memory and the kernels bound to its device's stream.
 pub(crate) struct GpuStore {

@@ -417,8 +417,11 @@ pub fn generate(
                 .min(opts.max_new - stats.tokens - 1)
         };
         let (mut drafts, mut draft_probs, mut signals) = (Vec::new(), Vec::new(), Vec::new());
+        // A round that does not draft (auto-off carried over in a reused controller) drops it:
+        // the draft's cache keeps what it read, the next drafting round feeds only the rest.
+        let pending = prompt_row.take();
         if cap > 0 {
-            let mut row = match prompt_row.take() {
+            let mut row = match pending {
                 Some(row) => row,
                 None => timer.draft(|| model.draft(&seq[model.draft_len()..], sampling))?,
             };
@@ -477,8 +480,9 @@ pub fn generate(
         // it now, before the first token goes out, so both models read the prompt before it,
         // as plain decoding does, and the decode time after it holds no prompt pass (on a GPU
         // a 32-token prompt pass takes ~50 ms at 7B, some 13 draft steps).
-        // The same pass with the same tokens as in the next round: nothing else changes. Not
-        // timed, as the target's prompt pass is not.
+        // The same pass with the same tokens as in the next round, so the same output and
+        // counts. Not timed, as the target's prompt pass is not (a measured draft cost then no
+        // longer includes it, so under `measure_draft_cost` the bandit sees a lower cost).
         if !done && model.draft_len() == 0 && stats.tokens + 1 < opts.max_new {
             prompt_row = Some(model.draft(&seq, sampling)?);
         }
@@ -699,6 +703,43 @@ mod tests {
     /// A draft that never agrees loses to plain decoding (each round: 1 token for 1 + 4c
     /// passes), so auto-off pauses it, for longer each time its probe loses again; a draft
     /// that always agrees is left alone. The tokens are plain decoding's either way.
+    #[test]
+    fn a_pause_carried_into_the_next_request_drops_the_prompt_row() {
+        let config = ControllerConfig {
+            auto_off: true,
+            ..ControllerConfig::default()
+        };
+        let mut controller = Controller::new("fixed:4".parse().unwrap(), config);
+        let mut model = Sleepy {
+            draft: vec![],
+            target: vec![],
+            draft_ms: 0,
+            verify_ms: 0,
+            wrong_every: 1,
+        };
+        let opts = |max_new| GenerateOptions {
+            max_new,
+            sampling: Sampling::Greedy,
+            stop: vec![],
+            seed: 0,
+        };
+        // A losing draft: after the prompt's token, a window of one-token rounds, then a pause
+        // of 16 plain steps that this request ends 5 steps into.
+        let first = 1 + AUTO_OFF_WINDOW + 5;
+        generate(&mut model, &mut controller, &[1], &opts(first), |_| Ok(())).unwrap();
+        let paused_steps = controller.state().plain_steps;
+        assert_eq!(paused_steps, 5);
+        // The next request, with a draft that is always right, starts inside that pause: its
+        // prompt round still has the draft read the prompt, but the row it returns is stale by
+        // the time drafting resumes and must not be drafted from.
+        model.wrong_every = 10_000;
+        let out = generate(&mut model, &mut controller, &[50], &opts(40), |_| Ok(())).unwrap();
+        assert_eq!(out.tokens, (51..91).collect::<Vec<u32>>());
+        assert!(controller.state().plain_steps > paused_steps);
+        assert!(out.stats.drafted > 0);
+        assert_eq!(out.stats.accepted, out.stats.drafted, "{:?}", out.stats);
+    }
+
     #[test]
     fn auto_off_pauses_a_losing_draft_and_keeps_the_output() {
         let opts = GenerateOptions {
