@@ -16,7 +16,7 @@
 //!    `silu(gate) * up`, one launch each instead of two.
 //!
 //! Every kernel has a CPU reference that the tests and the benchmark compare against: in
-//! [`reference`], or in its own module for 5 and 6. The CUDA side needs the `cuda` feature; the references build everywhere.
+//! [`reference`](mod@reference), or in its own module for 5 and 6. The CUDA side needs the `cuda` feature; the references build everywhere.
 //!
 //! ```
 //! use half::bf16;

@@ -56,7 +56,7 @@ impl DraftRow {
     }
 
     /// [`DraftRow::from_device`] given, when greedy, the reductions already computed on the
-    /// device by a fused kernel (`stats`, five f32 values in [`greedy_reductions`]' order, as
+    /// device by a fused kernel (`stats`: argmax, Z, S, l2 and ties as five f32 values, as
     /// [`CausalLm::logit_stats`](jitdelta_nn::CausalLm::logit_stats) returns them): one launch
     /// in place of some sixteen tensor ops, whose host time showed in every draft pass on the
     /// GPU. `None`, or sampling, computes as `from_device` does.
