@@ -241,8 +241,9 @@ impl Kernels {
     /// launches (more tiles than [`Kernels::tall_tiles`]: 4 warps, 4 blocks per SM); and tensors
     /// of [`LARGE_GEMV_WEIGHTS`] or more, whose exact and routed kernels stream the planes
     /// through shared memory and whose draft is the tall class's. The choice depends on the
-    /// tensor (with the group it was declared to launch in, [`GpuResident::launch_together`])
-    /// and the selection alone, never on the batch, so every batch size sums a row the same way.
+    /// tensor (with the group it was declared to launch in, [`GpuResident::launch_together`]),
+    /// the device's SM count and the selection, never on the batch, so every batch size sums a
+    /// row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let mut kernels = Self::with_defines(stream, &[])?;
         let ring = compile(&kernels.launcher.stream, SOURCE, LARGE_GEMV_DEFINES)?;
@@ -569,9 +570,8 @@ impl Kernels {
 
     /// Launches of more 16-row tiles than this (twice the device's SMs) take the tall variant
     /// (4 warps, 4 blocks per SM): up to 4 x SMs tiles all their blocks run at once, where the
-    /// default's
-    /// 2 blocks per SM would leave a second, nearly empty wave (4608 rows: 288 tiles over 264
-    /// slots on an H100; 1.05x -> 1.27x cuBLAS at 4608x12288, docs/benchmarks.md).
+    /// default's 2 blocks per SM would leave a second, nearly empty wave (4608 rows: 288 tiles
+    /// over 264 slots on an H100; 1.05x -> 1.27x cuBLAS at 4608x12288, docs/benchmarks.md).
     pub fn tall_tiles(&self) -> u32 {
         self.tall_tiles
     }

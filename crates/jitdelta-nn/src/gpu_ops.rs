@@ -11,6 +11,7 @@ use crate::kv_cache::KvBlock;
 use crate::KvCache;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout,
@@ -273,7 +274,7 @@ struct DecodeAttention<'a> {
     shape: AttentionShape,
 }
 
-type View<'a> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, bf16>;
+type View<'a, T = bf16> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 
 /// Positions per head in memory of a `(batch, kv_heads, total, head_dim)` key or value layout
 /// the kernel can read in place ([`AttentionShape::kv_capacity`]): elements adjacent, positions
@@ -295,8 +296,8 @@ fn kv_capacity(l: &Layout) -> Option<usize> {
     (capacity * d == head_stride && capacity >= total).then_some(capacity)
 }
 
-/// The elements of a contiguous input (an attention query, a fused op's operand).
-fn view<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<View<'a>> {
+/// The elements of a contiguous input (an attention query, a fused op's operand, logits).
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<View<'a, T>> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("the decoder kernels need contiguous inputs, got {l:?}");
     };
@@ -317,8 +318,12 @@ fn kv_view<'a>(
     slice(s, start, start + shape.lens().1)
 }
 
-fn slice(s: &CudaStorage, start: usize, end: usize) -> candle_core::Result<View<'_>> {
-    let all = s.as_cuda_slice::<bf16>()?;
+fn slice<T: CudaDType>(
+    s: &CudaStorage,
+    start: usize,
+    end: usize,
+) -> candle_core::Result<View<'_, T>> {
+    let all = s.as_cuda_slice::<T>()?;
     let len = all.len();
     all.try_slice(start..end).ok_or_else(|| {
         candle_core::Error::Msg(format!(
@@ -536,13 +541,7 @@ impl CustomOp1 for LogitStats<'_> {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("logit stats need contiguous logits, got {l:?}");
-        };
-        let all = s.as_cuda_slice::<f32>()?;
-        let Some(logits) = all.try_slice(start..end) else {
-            candle_core::bail!("logit stats: elements {start}..{end} of {}", all.len());
-        };
+        let logits = view::<f32>(s, l)?;
         let dev = s.device().clone();
         // SAFETY: the kernel writes all 5 outputs (lengths checked, else an error).
         let mut out = unsafe { dev.alloc::<f32>(5) }?;

@@ -700,9 +700,6 @@ mod tests {
         }
     }
 
-    /// A draft that never agrees loses to plain decoding (each round: 1 token for 1 + 4c
-    /// passes), so auto-off pauses it, for longer each time its probe loses again; a draft
-    /// that always agrees is left alone. The tokens are plain decoding's either way.
     #[test]
     fn a_pause_carried_into_the_next_request_drops_the_prompt_row() {
         let config = ControllerConfig {
@@ -740,6 +737,9 @@ mod tests {
         assert_eq!(out.stats.accepted, out.stats.drafted, "{:?}", out.stats);
     }
 
+    /// A draft that never agrees loses to plain decoding (each round: 1 token for 1 + 4c
+    /// passes), so auto-off pauses it, for longer each time its probe loses again; a draft
+    /// that always agrees is left alone. The tokens are plain decoding's either way.
     #[test]
     fn auto_off_pauses_a_losing_draft_and_keeps_the_output() {
         let opts = GenerateOptions {
