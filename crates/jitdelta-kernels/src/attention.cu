@@ -2,9 +2,9 @@
 // out, f32 inside.
 //
 // Decode attention for short query blocks continuing a sequence (single-token steps and
-// speculative verify passes). Each (query row, head) is one block whose result depends only on
-// that row's query and the keys/values up to its position, never on how many rows the launch
-// holds: a verify pass over k rows is bit-identical to k single-token steps.
+// speculative verify passes). Each (query row, head) result depends only on that row's query
+// and the keys/values up to its position, never on how many rows the launch holds: a verify
+// pass over k rows is bit-identical to k single-token steps.
 //
 // Fused elementwise ops that save the launches of candle's separate kernels: residual add +
 // RMSNorm (one block a row, a fixed reduction order: rows independent as above) and SwiGLU's
@@ -18,8 +18,6 @@ typedef unsigned long long u64;
 
 #define ATTN_WARPS 4
 #define MAX_HEAD_DIM 256
-#define MAX_PER_LANE (MAX_HEAD_DIM / 32)
-#define UNROLL 4
 // NVRTC has no math.h: -inf spelled out.
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -34,14 +32,19 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 
 // q: (heads, rows, d); k, v: (kv_heads, capacity, d) buffers holding total positions a head
 // (capacity >= total: a KV cache read in place). Row i sits at position total - rows + i and
-// attends to positions 0..=that. Two kernels (flash-decoding): the positions are cut into
-// splits of ATTN_SPLIT, one block per (row, head, split) computes that split's unnormalised
-// partial (running max m, sum l, acc[d]), and jd_attention_merge_bf16 combines a row's splits
-// in split order. A lone decode step thus runs heads * splits blocks instead of heads, and a
-// row's splits and their order depend only on its own position count, so a verify block's row
-// is bit-identical to the single-token step. Inside a block, warp w takes positions
-// w, w + ATTN_WARPS, ... of the split with an online softmax, lane l holds elements
-// l * per_lane .. of the head, and the warps' partials are merged in warp order.
+// attends to positions 0..=that. Flash-decoding in one launch: the positions are cut into splits
+// of ATTN_SPLIT, one block per (row, head, split) computes that split's unnormalised partial
+// (running max m, sum l, acc[d]) into a record, and the last of a row's blocks to finish (an
+// atomic count per (row, head)) merges the row's records in split order and writes the output.
+// (Blocks serving all query heads of a key/value head, loading each key once for them, were
+// slower up to 2048 positions: a third of the blocks, each three times the dependent math.)
+// A lone decode step thus runs heads * splits blocks instead of heads, and a row's splits and
+// their order depend only on its own position count, so a verify block's row is bit-identical
+// to the single-token step. Inside a block, warp w takes positions w, w + ATTN_WARPS, ... of the
+// split with an online softmax, lane l holds elements l * PL .. l * PL + PL - 1 of the head
+// (PL = d / 32, a compile-time constant per kernel), and the warps' partials are merged in warp
+// order. The merge used to be a second kernel: its launch and the wait between the two cost
+// more than the merge (session 8, examples/layer_anatomy.rs).
 #define ATTN_SPLIT 64
 
 // Partials: (rows, heads, splits) records of PART_STRIDE(d) floats: m, l, acc[0..d).
@@ -58,64 +61,73 @@ __device__ __forceinline__ void merge_partial(float& m, float& l, float& a, floa
     m = big;
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
-jd_attention_partial_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
-                          const u16* __restrict__ v, u32 rows, u32 heads, u32 kv_heads,
-                          u32 total, u32 capacity, u32 d, float scale, float* __restrict__ part) {
+// Positions a warp loads at once: its whole share of a split (one round trip to memory) where
+// the keys and values fit 64 registers a lane, half of it for the widest heads.
+template <int PL>
+struct AttnUnroll {
+    static constexpr int value = (ATTN_SPLIT / ATTN_WARPS) * PL <= 64 ? ATTN_SPLIT / ATTN_WARPS : 64 / PL;
+};
+
+template <int PL>
+__device__ __forceinline__ void attention_block(const u16* __restrict__ q, const u16* __restrict__ k,
+                                                const u16* __restrict__ v, u32 rows, u32 heads,
+                                                u32 kv_heads, u32 total, u32 capacity, float scale,
+                                                float* __restrict__ part, u32* __restrict__ arrivals,
+                                                u16* __restrict__ y) {
+    constexpr u32 D = 32 * PL;
+    constexpr int UNROLL = AttnUnroll<PL>::value;
     __shared__ float part_m[ATTN_WARPS], part_l[ATTN_WARPS];
-    __shared__ float part_acc[ATTN_WARPS][MAX_HEAD_DIM];
+    __shared__ float part_acc[ATTN_WARPS][D];
+    __shared__ bool merges;
     pdl_launch_dependents();
     pdl_wait();
     const u32 row = blockIdx.x, head = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    const u32 per_lane = d / 32;
     const u32 kvh = head / (heads / kv_heads);
     const u32 n = total - rows + row + 1;
+    const u32 used = (n + ATTN_SPLIT - 1) / ATTN_SPLIT;
     const u32 first = split * ATTN_SPLIT, end = min(n, first + ATTN_SPLIT);
-    if (first >= n) return;  // past this row's positions: the merge never reads it
-    const u16* qh = q + ((u64)head * rows + row) * d;
-    const u16* kh = k + (u64)kvh * capacity * d;
-    const u16* vh = v + (u64)kvh * capacity * d;
+    if (split >= used) return;  // past this row's positions: neither counted nor merged
+    const u16* qh = q + ((u64)head * rows + row) * D;
+    const u16* kh = k + (u64)kvh * capacity * D + lane * PL;
+    const u16* vh = v + (u64)kvh * capacity * D + lane * PL;
 
-    float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
+    float qv[PL], acc[PL];
 #pragma unroll
-    for (int e = 0; e < MAX_PER_LANE; ++e) {
-        qv[e] = e < per_lane ? bf16_to_f32(qh[lane * per_lane + e]) : 0.f;
+    for (int e = 0; e < PL; ++e) {
+        qv[e] = bf16_to_f32(qh[lane * PL + e]);
         acc[e] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
-    // UNROLL positions a step per warp (w + ATTN_WARPS * (UNROLL * step + u)): their loads go
-    // out together.
+    // UNROLL positions a step per warp (w + ATTN_WARPS * (UNROLL * step + u)), in increasing
+    // order: all their loads go out before any is used.
     for (u32 base = first + warp; base < end; base += ATTN_WARPS * UNROLL) {
-        float s[UNROLL], vv[UNROLL][MAX_PER_LANE];
+        u16 kb[UNROLL][PL], vb[UNROLL][PL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const u32 j = base + ATTN_WARPS * u;
-            const bool in = j < end;
-            const u16* kj = kh + (u64)(in ? j : 0u) * d + lane * per_lane;
-            const u16* vj = vh + (u64)(in ? j : 0u) * d + lane * per_lane;
-            float dot = 0.f;
+            const u64 at = (u64)(j < end ? j : 0u) * D;
 #pragma unroll
-            for (int e = 0; e < MAX_PER_LANE; ++e) {
-                if (e < per_lane) {
-                    dot = fmaf(qv[e], bf16_to_f32(kj[e]), dot);
-                    vv[u][e] = bf16_to_f32(vj[e]);
-                }
+            for (int e = 0; e < PL; ++e) {
+                kb[u][e] = kh[at + e];
+                vb[u][e] = vh[at + e];
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
-            s[u] = in ? dot * scale : NEG_INF;
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < PL; ++e) dot = fmaf(qv[e], bf16_to_f32(kb[u][e]), dot);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+            const float s = base + ATTN_WARPS * u < end ? dot * scale : NEG_INF;
             // NaN scores propagate; -inf ones (and padding) add nothing.
-            const float m_new = s[u] != s[u] ? s[u] : fmaxf(m, s[u]);
+            const float m_new = s != s ? s : fmaxf(m, s);
             const float keep = m_new == NEG_INF ? 1.f : __expf(m - m_new);
-            const float p = m_new == NEG_INF ? 0.f : __expf(s[u] - m_new);
+            const float p = m_new == NEG_INF ? 0.f : __expf(s - m_new);
             l = fmaf(l, keep, p);
 #pragma unroll
-            for (int e = 0; e < MAX_PER_LANE; ++e)
-                if (e < per_lane) acc[e] = fmaf(p, vv[u][e], acc[e] * keep);
+            for (int e = 0; e < PL; ++e) acc[e] = fmaf(p, bf16_to_f32(vb[u][e]), acc[e] * keep);
             m = m_new;
         }
     }
@@ -124,11 +136,11 @@ jd_attention_partial_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
         part_l[warp] = l;
     }
 #pragma unroll
-    for (int e = 0; e < MAX_PER_LANE; ++e)
-        if (e < per_lane) part_acc[warp][lane * per_lane + e] = acc[e];
+    for (int e = 0; e < PL; ++e) part_acc[warp][lane * PL + e] = acc[e];
     __syncthreads();
-    float* out = part + (((u64)row * heads + head) * splits + split) * PART_STRIDE(d);
-    for (u32 t = threadIdx.x; t < d; t += ATTN_WARPS * 32) {
+    float* rec = part + ((u64)row * heads + head) * splits * PART_STRIDE(D);
+    float* out = rec + (u64)split * PART_STRIDE(D);
+    for (u32 t = threadIdx.x; t < D; t += ATTN_WARPS * 32) {
         float bm = NEG_INF, bl = 0.f, ba = 0.f;
 #pragma unroll
         for (int w = 0; w < ATTN_WARPS; ++w) merge_partial(bm, bl, ba, part_m[w], part_l[w], part_acc[w][t]);
@@ -138,27 +150,47 @@ jd_attention_partial_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
             out[1] = bl;
         }
     }
-}
-
-// y: (rows, heads, d). One block per (row, head): the row's splits merged in split order.
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
-jd_attention_merge_bf16(const float* __restrict__ part, u32 rows, u32 heads, u32 total, u32 d,
-                        u32 splits, u16* __restrict__ y) {
-    pdl_launch_dependents();
-    pdl_wait();
-    const u32 row = blockIdx.x, head = blockIdx.y;
-    const u32 n = total - rows + row + 1;
-    const u32 used = (n + ATTN_SPLIT - 1) / ATTN_SPLIT;
-    const float* rec = part + ((u64)row * heads + head) * splits * PART_STRIDE(d);
-    for (u32 t = threadIdx.x; t < d; t += ATTN_WARPS * 32) {
-        float m = NEG_INF, l = 0.f, a = 0.f;
+    // The record is out; the row's last block to get here merges (the threadfence pattern:
+    // every writer fences before the count, the merging block fences after it).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* count = arrivals + (u64)row * heads + head;
+        merges = used == 1 || atomicAdd(count, 1u) == used - 1;
+        // Back to zero for the next launch, which cannot start before this one ends.
+        if (merges && used > 1) *count = 0u;
+    }
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    for (u32 t = threadIdx.x; t < D; t += ATTN_WARPS * 32) {
+        float mm = NEG_INF, ll = 0.f, a = 0.f;
         for (u32 s = 0; s < used; ++s) {
-            const float* r = rec + (u64)s * PART_STRIDE(d);
-            merge_partial(m, l, a, r[0], r[1], r[2 + t]);
+            const float* r = rec + (u64)s * PART_STRIDE(D);
+            // Other blocks' records: read through L2 (never L1, which is not coherent).
+            merge_partial(mm, ll, a, __ldcg(r), __ldcg(r + 1), __ldcg(r + 2 + t));
         }
-        y[((u64)row * heads + head) * d + t] = f32_to_bf16(a / l);
+        y[((u64)row * heads + head) * D + t] = f32_to_bf16(a / ll);
     }
 }
+
+// One kernel per d / 32 (1..8, d up to MAX_HEAD_DIM); arrivals: (rows, heads) counts, zero
+// between launches.
+#define ATTENTION_KERNEL(pl)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) jd_attention_bf16_pl##pl(        \
+        const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 rows, \
+        u32 heads, u32 kv_heads, u32 total, u32 capacity, float scale, float* __restrict__ part,  \
+        u32* __restrict__ arrivals, u16* __restrict__ y) {                                         \
+        attention_block<pl>(q, k, v, rows, heads, kv_heads, total, capacity, scale, part, arrivals, y); \
+    }
+ATTENTION_KERNEL(1)
+ATTENTION_KERNEL(2)
+ATTENTION_KERNEL(3)
+ATTENTION_KERNEL(4)
+ATTENTION_KERNEL(5)
+ATTENTION_KERNEL(6)
+ATTENTION_KERNEL(7)
+ATTENTION_KERNEL(8)
 
 #define NORM_THREADS 1024
 // Columns each thread keeps in registers (rows up to NORM_THREADS * NORM_HELD = 8192 columns

@@ -1,6 +1,6 @@
 //! The CUDA side: kernels compiled at run time with NVRTC, tensors held on the device.
 
-use crate::attention::AttentionShape;
+use crate::attention::{AttentionShape, MAX_HEAD_DIM};
 use crate::decoder_ops::{self, RopeKvShape};
 use crate::device_layout::DeviceLayout;
 use crate::reference::ChunkSelection;
@@ -14,7 +14,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
 use jitdelta_format::ResidentTensor;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("kernels.cu"));
 const ATTENTION_SOURCE: &str = concat!(include_str!("pdl.cuh"), include_str!("attention.cu"));
@@ -630,8 +630,11 @@ fn compile(
 #[derive(Debug)]
 pub struct DecoderKernels {
     launcher: Launcher,
-    attention_partial: CudaFunction,
-    attention_merge: CudaFunction,
+    /// `jd_attention_bf16_pl{1..8}`: entry `i` for heads of `32 * (i + 1)` elements.
+    attention: Vec<CudaFunction>,
+    /// The attention's partial records and per-row arrival counts, kept between launches:
+    /// allocating them per call put an allocation between the kernels of every layer.
+    attention_scratch: Mutex<AttentionScratch>,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
     rope_kv: CudaFunction,
@@ -643,8 +646,10 @@ impl DecoderKernels {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let module = compile(&stream, ATTENTION_SOURCE, &[])?;
         Ok(Self {
-            attention_partial: module.load_function("jd_attention_partial_bf16")?,
-            attention_merge: module.load_function("jd_attention_merge_bf16")?,
+            attention: (1..=MAX_HEAD_DIM / 32)
+                .map(|pl| module.load_function(&format!("jd_attention_bf16_pl{pl}")))
+                .collect::<std::result::Result<_, _>>()?,
+            attention_scratch: Mutex::new(AttentionScratch::default()),
             add_rms_norm: module.load_function("jd_add_rms_norm_bf16")?,
             silu_mul: module.load_function("jd_silu_mul_bf16")?,
             rope_kv: module.load_function("jd_rope_kv_bf16")?,
@@ -688,22 +693,17 @@ impl DecoderKernels {
         }
         let dim = |v: usize| to_u32(v, "attention dimension");
         let (rows, heads, kv_heads) = (dim(shape.rows)?, dim(shape.heads)?, dim(shape.kv_heads)?);
-        let (total, capacity, d) = (
-            dim(shape.total)?,
-            dim(shape.kv_capacity)?,
-            dim(shape.head_dim)?,
-        );
+        let (total, capacity) = (dim(shape.total)?, dim(shape.kv_capacity)?);
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         // One partial record (m, l, acc[d]) per (row, head, split of ATTENTION_SPLIT positions).
         let splits = total.div_ceil(ATTENTION_SPLIT);
-        // SAFETY: the merge reads only the records of splits a row has, which the partial
-        // kernel writes.
-        let mut part = unsafe {
-            self.launcher
-                .stream
-                .alloc::<f32>(shape.rows * shape.heads * splits as usize * (shape.head_dim + 2))
-        }?;
         let st = &self.launcher.stream;
+        let mut scratch = self
+            .attention_scratch
+            .lock()
+            .map_err(|_| Error::Unsupported("attention scratch lock poisoned".into()))?;
+        let records = shape.rows * shape.heads * splits as usize * (shape.head_dim + 2);
+        let (part, arrivals) = scratch.at_least(st, records, shape.rows * shape.heads)?;
         let mut args = RawArgs::default();
         args.buffer(q, st)
             .buffer(k, st)
@@ -713,31 +713,25 @@ impl DecoderKernels {
             .value(kv_heads)
             .value(total)
             .value(capacity)
-            .value(d)
             .value(scale)
-            .value(part.device_ptr_mut(st).0);
+            .value(part.device_ptr_mut(st).0)
+            .value(arrivals.device_ptr_mut(st).0)
+            .value(y.device_ptr_mut(st).0);
         let mut config = grid((rows, heads), ATTENTION_THREADS);
         config.grid_dim.2 = splits;
-        // SAFETY: the argument list matches `jd_attention_partial_bf16`; every buffer holds the
-        // elements its shape needs (checked above, `part` sized here) and the kernel indexes
-        // only within them.
+        // SAFETY: the argument list matches `jd_attention_bf16_pl*` of this head size (checked
+        // above: a multiple of 32 up to MAX_HEAD_DIM); every buffer holds the elements its
+        // shape needs (checked above), `part` the records of every (row, head, split) and
+        // `arrivals` a zeroed count per (row, head), which the merging block zeroes again; the
+        // kernel indexes only within them. The scratch is locked until the launch is queued,
+        // and launches on this stream run one after another.
         unsafe {
-            self.launcher
-                .launch(&self.attention_partial, config, &mut args, true)
-        }?;
-        let mut args = RawArgs::default();
-        args.buffer(&part, st)
-            .value(rows)
-            .value(heads)
-            .value(total)
-            .value(d)
-            .value(splits)
-            .value(y.device_ptr_mut(st).0);
-        let config = grid((rows, heads), ATTENTION_THREADS);
-        // SAFETY: matches `jd_attention_merge_bf16`; `part` as written above, `y` checked.
-        unsafe {
-            self.launcher
-                .launch(&self.attention_merge, config, &mut args, true)
+            self.launcher.launch(
+                &self.attention[shape.head_dim / 32 - 1],
+                config,
+                &mut args,
+                true,
+            )
         }?;
         Ok(())
     }
@@ -881,6 +875,36 @@ impl DecoderKernels {
         // the table, the queries and the cache buffer are checked.
         unsafe { self.launcher.launch(&self.rope_kv, config, &mut args, true) }?;
         Ok(())
+    }
+}
+
+/// Device buffers the attention kernel needs between its blocks, grown to the largest launch.
+#[derive(Debug, Default)]
+struct AttentionScratch {
+    part: Option<CudaSlice<f32>>,
+    arrivals: Option<CudaSlice<u32>>,
+}
+
+impl AttentionScratch {
+    /// `records` floats of partials and `counts` zeroed arrival counts, (re)allocated when
+    /// smaller.
+    fn at_least(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        records: usize,
+        counts: usize,
+    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<u32>)> {
+        if self.part.as_ref().is_none_or(|p| p.len() < records) {
+            // SAFETY: every record the kernel reads was written in the same launch.
+            self.part = Some(unsafe { stream.alloc::<f32>(records) }?);
+        }
+        if self.arrivals.as_ref().is_none_or(|a| a.len() < counts) {
+            self.arrivals = Some(stream.alloc_zeros::<u32>(counts)?);
+        }
+        match (&mut self.part, &mut self.arrivals) {
+            (Some(p), Some(a)) => Ok((p, a)),
+            _ => unreachable!("both allocated above"),
+        }
     }
 }
 

@@ -294,6 +294,8 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
         (32, 8, 128),
         (9, 3, 96),
         (2, 1, 256),
+        // Seven query heads a key/value head: blocks of four and of three heads.
+        (14, 2, 64),
     ] {
         for total in [1, 2, 5, 37, 64, 65, 300, 1100] {
             for rows in [1, 2, 5, 8].into_iter().filter(|&r| r <= total) {
