@@ -391,7 +391,7 @@ impl Kernels {
         let config = grid((grid_x as u32, grid_y as u32), DECODE_THREADS);
         // SAFETY: the argument list matches `jd_decode_bf16`; every buffer was sized above
         // or at upload, and the kernel reads only within the chunk segments it is given.
-        unsafe { self.launcher.launch(&self.decode, config, &mut args, false) }?;
+        unsafe { self.launcher.launch(&self.decode, config, &mut args, true) }?;
         if t.escapes == 0 {
             return Ok(());
         }
@@ -412,9 +412,9 @@ impl Kernels {
             .value(out.device_ptr_mut(st).0);
         let config = grid((escapes.div_ceil(DECODE_THREADS), 1), DECODE_THREADS);
         // SAFETY: matches `jd_patch_escapes`; escape positions were validated by the format
-        // reader and lie inside the `rows * cols` output checked above. Same stream, so it
-        // runs after the decode.
-        unsafe { self.launcher.launch(&self.patch, config, &mut args, false) }?;
+        // reader and lie inside the `rows * cols` output checked above. Same stream: it waits
+        // for the decode before it writes.
+        unsafe { self.launcher.launch(&self.patch, config, &mut args, true) }?;
         Ok(())
     }
 
