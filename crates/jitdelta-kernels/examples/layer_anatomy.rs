@@ -9,7 +9,11 @@
 //! ```text
 //! layer_anatomy [--hidden 4608] [--heads 72] [--kv-heads 24] [--head-dim 64] [--mlp 12288]
 //!     [--context 128] [--rows 1] [--layers 30] [--copies 3] [--iters 20] [--json FILE]
+//!     [--define GEMV_WARPS=4]...
 //! ```
+//!
+//! `--define` compiles the GEMV with tuning knobs (one variant for every tensor, as
+//! `kernel_bench --define`) instead of the product's size classes.
 //!
 //! The defaults are the shape of SmolLM2 widened 8x (the real 7B-shaped model of
 //! `scripts/gpu-real-7b.sh`); `--hidden 4096 --heads 32 --kv-heads 8 --head-dim 128 --mlp 14336`
@@ -43,6 +47,7 @@ struct Args {
     copies: usize,
     iters: usize,
     json: Option<String>,
+    defines: Vec<String>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -58,6 +63,7 @@ fn parse_args() -> Res<Args> {
         copies: 3,
         iters: 20,
         json: None,
+        defines: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +71,10 @@ fn parse_args() -> Res<Args> {
         let target = match flag.as_str() {
             "--json" => {
                 a.json = Some(value()?);
+                continue;
+            }
+            "--define" => {
+                a.defines.push(value()?);
                 continue;
             }
             "--hidden" => &mut a.hidden,
@@ -340,7 +350,12 @@ fn main() -> Res<()> {
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
     let device = ctx.name()?;
-    let mut kernels = Kernels::new(stream.clone())?;
+    let defines: Vec<&str> = a.defines.iter().map(String::as_str).collect();
+    let mut kernels = if defines.is_empty() {
+        Kernels::new(stream.clone())?
+    } else {
+        Kernels::with_defines(stream.clone(), &defines)?
+    };
     let mut decoder = DecoderKernels::new(stream.clone())?;
     let layers = load_layers(&kernels, &a)?;
     let capacity = a.context.next_multiple_of(64);
@@ -364,7 +379,7 @@ fn main() -> Res<()> {
     };
     println!(
         "device: {device}; layer: hidden {}, heads {} / {} of {}, mlp {}; context {}, rows {}; \
-         {} layers a chain over {} weight copies; median of {}; us per layer",
+         {} layers a chain over {} weight copies; median of {}; us per layer; GEMV defines {:?}",
         a.hidden,
         a.heads,
         a.kv_heads,
@@ -374,7 +389,8 @@ fn main() -> Res<()> {
         a.rows,
         a.layers,
         a.copies,
-        a.iters
+        a.iters,
+        a.defines
     );
     let small: Vec<Op> = LAYER
         .iter()
@@ -403,7 +419,9 @@ fn main() -> Res<()> {
     .into_iter()
     .chain(small.iter().map(|op| (format!("{op:?} alone"), vec![*op])))
     .collect();
-    let mut report = serde_json::json!({ "device": device, "rows": a.rows, "context": a.context });
+    let mut report = serde_json::json!({
+        "device": device, "rows": a.rows, "context": a.context, "defines": a.defines,
+    });
     let mut results = Vec::new();
     for dependent in [true, false] {
         kernels.set_dependent_launch(dependent)?;
