@@ -9,11 +9,13 @@
 //! ```text
 //! layer_anatomy [--hidden 4608] [--heads 72] [--kv-heads 24] [--head-dim 64] [--mlp 12288]
 //!     [--context 128] [--rows 1] [--layers 30] [--copies 3] [--iters 20] [--json FILE]
-//!     [--define GEMV_WARPS=4]...
+//!     [--define GEMV_WARPS=4]... [--undeclared qkv,gate_up]
 //! ```
 //!
 //! `--define` compiles the GEMV with tuning knobs (one variant for every tensor, as
-//! `kernel_bench --define`) instead of the product's size classes.
+//! `kernel_bench --define`) instead of the product's size classes. `--undeclared` leaves those
+//! groups undeclared (`GpuResident::launch_together`), so each member picks its size class by
+//! its own tiles (the grouped launch then needs them to agree).
 //!
 //! The defaults are the shape of SmolLM2 widened 8x (the real 7B-shaped model of
 //! `scripts/gpu-real-7b.sh`); `--hidden 4096 --heads 32 --kv-heads 8 --head-dim 128 --mlp 14336`
@@ -48,6 +50,7 @@ struct Args {
     iters: usize,
     json: Option<String>,
     defines: Vec<String>,
+    undeclared: Vec<String>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -64,6 +67,7 @@ fn parse_args() -> Res<Args> {
         iters: 20,
         json: None,
         defines: Vec::new(),
+        undeclared: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +79,10 @@ fn parse_args() -> Res<Args> {
             }
             "--define" => {
                 a.defines.push(value()?);
+                continue;
+            }
+            "--undeclared" => {
+                a.undeclared = value()?.split(',').map(str::to_owned).collect();
                 continue;
             }
             "--hidden" => &mut a.hidden,
@@ -304,8 +312,12 @@ fn load_layers(kernels: &Kernels, a: &Args) -> Res<Vec<LayerWeights>> {
         ups.pop(),
         downs.pop(),
     ) {
-        GpuResident::launch_together(&[&q, &k, &v]);
-        GpuResident::launch_together(&[&g, &u]);
+        if !a.undeclared.iter().any(|g| g == "qkv") {
+            GpuResident::launch_together(&[&q, &k, &v]);
+        }
+        if !a.undeclared.iter().any(|g| g == "gate_up") {
+            GpuResident::launch_together(&[&g, &u]);
+        }
         layers.push(LayerWeights {
             qkv: [q, k, v],
             o,
