@@ -12,6 +12,9 @@
 //!     [--define GEMV_WARPS=4]... [--undeclared qkv,gate_up]
 //! ```
 //!
+//! Each chain starts on an idle GPU; a chain of one small op alone may be bound by how fast the
+//! host launches (a few microseconds a launch), so "alone" figures are upper bounds.
+//!
 //! `--define` compiles the GEMV with tuning knobs (one variant for every tensor, as
 //! `kernel_bench --define`) instead of the product's size classes. `--undeclared` leaves those
 //! groups undeclared (`GpuResident::launch_together`), so each member picks its size class by
@@ -105,7 +108,7 @@ fn parse_args() -> Res<Args> {
     Ok(a)
 }
 
-/// The launches of a layer, in order (attention is two kernels).
+/// The launches of a layer.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Op {
     Qkv,
@@ -174,10 +177,7 @@ impl Chain<'_> {
         let (k, d, b) = (self.kernels, self.decoder, &mut self.b);
         let eps = 1e-5;
         match op {
-            Op::Qkv => {
-                let t: Vec<&GpuResident> = layer.qkv.iter().collect();
-                k.gemv_group(&t, sel, &b.h.as_view(), r, &mut b.qkv.as_view_mut())?
-            }
+            Op::Qkv => project_all(k, &layer.qkv, sel, &b.h, r, &mut b.qkv)?,
             Op::RopeKv => d.rope_kv(
                 &self.rope,
                 &b.qkv.as_view(),
@@ -212,16 +212,7 @@ impl Chain<'_> {
                 &mut b.x_attn.as_view_mut(),
                 &mut b.h_attn.as_view_mut(),
             )?,
-            Op::GateUp => {
-                let t: Vec<&GpuResident> = layer.gate_up.iter().collect();
-                k.gemv_group(
-                    &t,
-                    sel,
-                    &b.h_attn.as_view(),
-                    r,
-                    &mut b.gate_up.as_view_mut(),
-                )?
-            }
+            Op::GateUp => project_all(k, &layer.gate_up, sel, &b.h_attn, r, &mut b.gate_up)?,
             Op::SiluMul => {
                 let n = r * a.mlp;
                 d.silu_mul(
@@ -274,6 +265,30 @@ impl Chain<'_> {
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])
     }
+}
+
+/// The tensors' outputs for `x` one after the other in `y`: one grouped launch where the
+/// kernel takes them, else one launch each (members of undeclared groups may differ in size
+/// class), as the decoder runs them.
+fn project_all(
+    k: &Kernels,
+    tensors: &[GpuResident],
+    sel: &GpuSelection,
+    x: &CudaSlice<bf16>,
+    rows: usize,
+    y: &mut CudaSlice<bf16>,
+) -> Res<()> {
+    let t: Vec<&GpuResident> = tensors.iter().collect();
+    if k.can_group(&t, sel) {
+        return Ok(k.gemv_group(&t, sel, &x.as_view(), rows, &mut y.as_view_mut())?);
+    }
+    let mut at = 0;
+    for g in t {
+        let n = rows * g.dims().0;
+        k.gemv(g, sel, &x.as_view(), rows, &mut y.slice_mut(at..at + n))?;
+        at += n;
+    }
+    Ok(())
 }
 
 fn upload(kernels: &Kernels, t: &ResidentTensor, copies: usize) -> Res<Vec<GpuResident>> {
@@ -334,7 +349,7 @@ fn buffers(stream: &Arc<CudaStream>, a: &Args, capacity: usize) -> Res<Buffers> 
     let filled = |n: usize, seed: u64| -> Res<CudaSlice<bf16>> {
         Ok(stream.clone_htod(&activations(n, seed))?)
     };
-    let ones: Vec<bf16> = activations(h, 9)
+    let near_one: Vec<bf16> = activations(h, 9)
         .iter()
         .map(|v| bf16::from_f32(1.0 + 0.1 * v.to_f32()))
         .collect();
@@ -352,7 +367,7 @@ fn buffers(stream: &Arc<CudaStream>, a: &Args, capacity: usize) -> Res<Buffers> 
         gate_up: zeros(2 * r * a.mlp)?,
         act: zeros(r * a.mlp)?,
         mlp_out: zeros(r * h)?,
-        norm_w: stream.clone_htod(&ones)?,
+        norm_w: stream.clone_htod(&near_one)?,
         cos_sin: filled(r * a.head_dim, 4)?,
     })
 }

@@ -61,8 +61,9 @@ __device__ __forceinline__ void merge_partial(float& m, float& l, float& a, floa
     m = big;
 }
 
-// Positions a warp loads at once: its whole share of a split (one round trip to memory) where
-// the keys and values fit 64 registers a lane, half of it for the widest heads.
+// Positions a warp loads at once: its whole share of a split (one round trip to memory) while
+// the keys and values (2 x UNROLL x PL 16-bit values a lane, a register each) stay within 128
+// registers; heads wider than 128 take their share in two rounds or more.
 template <int PL>
 struct AttnUnroll {
     static constexpr int value = (ATTN_SPLIT / ATTN_WARPS) * PL <= 64 ? ATTN_SPLIT / ATTN_WARPS : 64 / PL;
@@ -100,7 +101,9 @@ __device__ __forceinline__ void attention_block(const u16* __restrict__ q, const
     }
     float m = NEG_INF, l = 0.f;
     // UNROLL positions a step per warp (w + ATTN_WARPS * (UNROLL * step + u)), in increasing
-    // order: all their loads go out before any is used.
+    // order: all their loads go out before any is used. Positions past the row's end read
+    // position 0 and score -inf: they add nothing to finite sums, but an inf value at position
+    // 0 would make them NaN (a known gap; skipping them, warp-uniformly, would close it).
     for (u32 base = first + warp; base < end; base += ATTN_WARPS * UNROLL) {
         u16 kb[UNROLL][PL], vb[UNROLL][PL];
 #pragma unroll
@@ -157,7 +160,8 @@ __device__ __forceinline__ void attention_block(const u16* __restrict__ q, const
     if (threadIdx.x == 0) {
         u32* count = arrivals + (u64)row * heads + head;
         merges = used == 1 || atomicAdd(count, 1u) == used - 1;
-        // Back to zero for the next launch, which cannot start before this one ends.
+        // Back to zero for the next launch: it touches the counts only after its pdl_wait(),
+        // by which time this launch has ended.
         if (merges && used > 1) *count = 0u;
     }
     __syncthreads();

@@ -1,8 +1,9 @@
 //! Decode attention for short query blocks that continue a sequence: single-token decode steps
 //! and speculative verify passes. The CUDA kernel (`gpu::DecoderKernels`, feature `cuda`) computes
 //! each (query row, head) on its own, so a verify pass over `k` rows is bit-identical to `k`
-//! single-token steps, in two launches instead of one attention per row: partial softmaxes over
-//! splits of 64 positions (many blocks even for one query row), then their merge in split order.
+//! single-token steps, in one launch instead of one attention per row: partial softmaxes over
+//! splits of 64 positions (many blocks even for one query row), merged in split order by the
+//! row's last block to finish.
 //! This module holds the shape checks and the CPU reference the kernels are tested against.
 
 use crate::{Error, Result};

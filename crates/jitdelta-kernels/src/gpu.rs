@@ -724,7 +724,8 @@ impl DecoderKernels {
         // shape needs (checked above), `part` the records of every (row, head, split) and
         // `arrivals` a zeroed count per (row, head), which the merging block zeroes again; the
         // kernel indexes only within them. The scratch is locked until the launch is queued,
-        // and launches on this stream run one after another.
+        // and a later launch touches them only after its pdl_wait(), by which time this one has
+        // ended (each kernel between them waits for its predecessor or starts after it).
         unsafe {
             self.launcher.launch(
                 &self.attention[shape.head_dim / 32 - 1],

@@ -294,7 +294,7 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
         (32, 8, 128),
         (9, 3, 96),
         (2, 1, 256),
-        // Seven query heads a key/value head: blocks of four and of three heads.
+        // Seven query heads a key/value head (Qwen2-0.5B's grouping).
         (14, 2, 64),
     ] {
         for total in [1, 2, 5, 37, 64, 65, 300, 1100] {

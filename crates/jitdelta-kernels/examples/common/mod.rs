@@ -31,6 +31,7 @@ pub fn synthetic(rows: usize, cols: usize, seed: u64, zeros: f32) -> Vec<bf16> {
     w
 }
 
+/// `n` activations uniform in [-1, 1), deterministic per seed.
 pub fn activations(n: usize, seed: u64) -> Vec<bf16> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
