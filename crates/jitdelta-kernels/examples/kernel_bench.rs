@@ -232,18 +232,10 @@ fn main() -> Res<()> {
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
     let device = ctx.name()?;
-    let defines: Vec<&str> = args.defines.iter().map(String::as_str).collect();
-    // No defines: the product's kernels (both GEMV variants, picked by tensor size).
-    let build = || -> Res<Kernels> {
-        Ok(if defines.is_empty() {
-            Kernels::new(stream.clone())?
-        } else {
-            Kernels::with_defines(stream.clone(), &defines)?
-        })
-    };
-    let kernels = build()?;
+    let defines = &args.defines;
+    let kernels = common::kernels(&stream, defines)?;
     // The same kernels launched plainly: what programmatic dependent launch changes.
-    let mut serial = build()?;
+    let mut serial = common::kernels(&stream, defines)?;
     serial.set_dependent_launch(false)?;
     let blas = Arc::new(CudaBlas::new(stream.clone())?);
     let mut timer = Timer::new(&stream, blas.clone(), args.iters)?;

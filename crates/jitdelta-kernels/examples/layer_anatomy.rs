@@ -377,12 +377,7 @@ fn main() -> Res<()> {
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
     let device = ctx.name()?;
-    let defines: Vec<&str> = a.defines.iter().map(String::as_str).collect();
-    let mut kernels = if defines.is_empty() {
-        Kernels::new(stream.clone())?
-    } else {
-        Kernels::with_defines(stream.clone(), &defines)?
-    };
+    let mut kernels = common::kernels(&stream, &a.defines)?;
     let mut decoder = DecoderKernels::new(stream.clone())?;
     let layers = load_layers(&kernels, &a)?;
     let capacity = a.context.next_multiple_of(64);

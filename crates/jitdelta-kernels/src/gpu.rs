@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig,
+    DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::bf16;
@@ -703,7 +703,9 @@ impl DecoderKernels {
             .lock()
             .map_err(|_| Error::Unsupported("attention scratch lock poisoned".into()))?;
         let records = shape.rows * shape.heads * splits as usize * (shape.head_dim + 2);
-        let (part, arrivals) = scratch.at_least(st, records, shape.rows * shape.heads)?;
+        let AttentionScratch { part, arrivals } = &mut *scratch;
+        let part = at_least(part, st, records)?;
+        let arrivals = at_least(arrivals, st, shape.rows * shape.heads)?;
         let mut args = RawArgs::default();
         args.buffer(q, st)
             .buffer(k, st)
@@ -886,27 +888,17 @@ struct AttentionScratch {
     arrivals: Option<CudaSlice<u32>>,
 }
 
-impl AttentionScratch {
-    /// `records` floats of partials and `counts` zeroed arrival counts, (re)allocated when
-    /// smaller.
-    fn at_least(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        records: usize,
-        counts: usize,
-    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<u32>)> {
-        if self.part.as_ref().is_none_or(|p| p.len() < records) {
-            // SAFETY: every record the kernel reads was written in the same launch.
-            self.part = Some(unsafe { stream.alloc::<f32>(records) }?);
-        }
-        if self.arrivals.as_ref().is_none_or(|a| a.len() < counts) {
-            self.arrivals = Some(stream.alloc_zeros::<u32>(counts)?);
-        }
-        match (&mut self.part, &mut self.arrivals) {
-            (Some(p), Some(a)) => Ok((p, a)),
-            _ => unreachable!("both allocated above"),
-        }
-    }
+/// The buffer in `slot`, replaced by a zeroed one of `len` elements when missing or shorter.
+fn at_least<'a, T: DeviceRepr + ValidAsZeroBits>(
+    slot: &'a mut Option<CudaSlice<T>>,
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    let buffer = match slot.take() {
+        Some(b) if b.len() >= len => b,
+        _ => stream.alloc_zeros::<T>(len)?,
+    };
+    Ok(slot.insert(buffer))
 }
 
 /// A stream and how our kernels are launched on it: through `cuLaunchKernelEx`, with

@@ -1,9 +1,26 @@
-//! What the GPU examples share: synthetic weights and activations.
+//! What the GPU examples share: the kernels they time, synthetic weights and activations.
 
+use cudarc::driver::CudaStream;
 use half::bf16;
+use jitdelta_kernels::gpu::Kernels;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use std::sync::Arc;
+
+/// The product's kernels (every size class) without `defines`, else one GEMV variant compiled
+/// with those tuning knobs for every tensor.
+pub fn kernels(
+    stream: &Arc<CudaStream>,
+    defines: &[String],
+) -> Result<Kernels, jitdelta_kernels::Error> {
+    let defines: Vec<&str> = defines.iter().map(String::as_str).collect();
+    if defines.is_empty() {
+        Kernels::new(stream.clone())
+    } else {
+        Kernels::with_defines(stream.clone(), &defines)
+    }
+}
 
 /// Synthetic weights with real-weight statistics, deterministic per seed; a `zeros` fraction
 /// of them exact zeros.
