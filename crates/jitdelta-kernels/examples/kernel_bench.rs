@@ -12,7 +12,7 @@
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PushKernelArg};
 use half::bf16;
 use jitdelta_format::{FloatFormat, JdFile, ResidentTensor};
 use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels};
@@ -176,6 +176,100 @@ impl Timer {
     }
 }
 
+/// The plainest possible reads of a buffer: what any kernel that must read `bytes` bytes in
+/// one launch cannot beat on this card (best of several launch shapes, so no single shape's
+/// tuning sets the bound).
+const READ_FLOOR_SOURCE: &str = r#"
+typedef unsigned long long u64;
+template <int U>
+__device__ __forceinline__ void read_all(const uint4* __restrict__ p, u64 n, unsigned* out) {
+    unsigned acc = 0;
+    const u64 stride = (u64)gridDim.x * blockDim.x * U;
+    for (u64 i = (u64)blockIdx.x * blockDim.x * U + threadIdx.x; i < n; i += stride) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 j = i + (u64)u * blockDim.x;
+            v[u] = j < n ? __ldg(p + j) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    // Rarely true, but the loads cannot be dropped.
+    if (acc == 0x9E3779B9u) out[0] = acc;
+}
+extern "C" __global__ void read_x4(const uint4* p, u64 n, unsigned* out) { read_all<4>(p, n, out); }
+extern "C" __global__ void read_x8(const uint4* p, u64 n, unsigned* out) { read_all<8>(p, n, out); }
+"#;
+
+struct ReadFloor {
+    kernels: Vec<(cudarc::driver::CudaFunction, u32)>,
+    sms: u32,
+    buf: CudaSlice<u8>,
+    out: CudaSlice<u32>,
+}
+
+impl ReadFloor {
+    fn new(stream: &Arc<CudaStream>, max_bytes: usize) -> Res<Self> {
+        let ctx = stream.context();
+        let (major, minor) = ctx.compute_capability()?;
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+            READ_FLOOR_SOURCE,
+            cudarc::nvrtc::CompileOptions {
+                options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+                ..Default::default()
+            },
+        )?;
+        let module = ctx.load_module(ptx)?;
+        let sms = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as u32;
+        Ok(Self {
+            kernels: vec![
+                (module.load_function("read_x4")?, 4),
+                (module.load_function("read_x8")?, 8),
+            ],
+            sms,
+            // Not zeros: nothing on the way may get to skip them.
+            buf: stream.clone_htod(
+                &(0..max_bytes.next_multiple_of(16) as u64)
+                    .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+                    .collect::<Vec<u8>>(),
+            )?,
+            out: stream.alloc_zeros::<u32>(1)?,
+        })
+    }
+
+    /// Median microseconds of the fastest launch shape reading the first `bytes` bytes.
+    fn time(&mut self, timer: &mut Timer, bytes: usize) -> Res<f64> {
+        let n = bytes.div_ceil(16) as u64;
+        let stream = timer.stream.clone();
+        let mut best = f64::INFINITY;
+        for (f, unroll) in &self.kernels {
+            for threads in [256u32, 512] {
+                let one_pass = n.div_ceil((threads * unroll) as u64) as u32;
+                for blocks in [one_pass, 2 * self.sms, 4 * self.sms, 8 * self.sms] {
+                    let cfg = cudarc::driver::LaunchConfig {
+                        grid_dim: (blocks.max(1), 1, 1),
+                        block_dim: (threads, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let (buf, out) = (&self.buf, &mut self.out);
+                    let us = timer.time(Flush::Read, || {
+                        let mut b = stream.launch_builder(f);
+                        b.arg(buf).arg(&n).arg(&mut *out);
+                        // SAFETY: the kernel reads n <= buf.len() / 16 vectors and writes out[0].
+                        unsafe { b.launch(cfg) }?;
+                        Ok(())
+                    })?;
+                    best = best.min(us);
+                }
+            }
+        }
+        Ok(best)
+    }
+}
+
 fn poison(stream: &Arc<CudaStream>, buf: &mut CudaSlice<bf16>) -> Res<()> {
     let nan = vec![bf16::from_bits(0xFFFF); buf.len()];
     stream.memcpy_htod(&nan, buf)?;
@@ -268,6 +362,7 @@ fn main() -> Res<()> {
     report["copy_gbs"] = copy_gbs.into();
     drop(src);
 
+    let mut floor = ReadFloor::new(&stream, biggest * 2)?;
     let mut shapes = Vec::new();
     let mut all_ok = true;
     for &(rows, cols) in &args.shapes {
@@ -313,6 +408,11 @@ fn main() -> Res<()> {
             timer.time_both(|| Ok(kernels.decode(&g, &exact, &mut out)?))?;
         let decode_gbs = (rows * cols * 2) as f64 / decode_us / 1e3;
         let decode_dirty_gbs = (rows * cols * 2) as f64 / decode_dirty_us / 1e3;
+        // What a single launch must spend reading each layout's bytes.
+        let bf16_floor_us = floor.time(&mut timer, rows * cols * 2)?;
+        let exact_floor_us = floor.time(&mut timer, rows * cols * 3 / 2)?;
+        let draft_floor_us = floor.time(&mut timer, rows * cols)?;
+        let mut cublas_b1_us = f64::NAN;
         let mut per_batch = Vec::new();
         for batch in BATCHES {
             let x = stream.clone_htod(&activations(batch * cols, batch as u64))?;
@@ -333,6 +433,9 @@ fn main() -> Res<()> {
             // y is batch x rows; all buffers are that size.
             let (cublas_us, cublas_dirty_us) =
                 timer.time_both(|| Ok(unsafe { blas.gemm(cfg, &dense, &x, &mut y) }?))?;
+            if batch == 1 {
+                cublas_b1_us = cublas_us;
+            }
             let (exact_us, exact_dirty_us) = timer.time_both(|| {
                 Ok(kernels.gemv(&g, &exact, &x.as_view(), batch, &mut y.as_view_mut())?)
             })?;
@@ -390,7 +493,14 @@ fn main() -> Res<()> {
             100.0 * decode_gbs / copy_gbs,
             100.0 * decode_dirty_gbs / copy_gbs
         );
+        println!(
+            "{rows:>5}x{cols:<5}: read floor (one launch, best of 16 shapes) bf16 {bf16_floor_us:.1} us (cuBLAS b1 {:.0}% slower), exact planes {exact_floor_us:.1} us, draft planes {draft_floor_us:.1} us: at most {:.2}x exact, {:.2}x draft against cuBLAS b1",
+            100.0 * (cublas_b1_us / bf16_floor_us - 1.0),
+            cublas_b1_us / exact_floor_us,
+            cublas_b1_us / draft_floor_us,
+        );
         shapes.push(serde_json::json!({
+            "read_floor_us": { "bf16": bf16_floor_us, "exact_planes": exact_floor_us, "draft_planes": draft_floor_us },
             "rows": rows, "cols": cols, "class": format!("{:?}", kernels.gemv_class(&g)),
             "bit_exact": exact_ok, "gemv_error": gemv_err,
             "escapes": t.escape_count(), "held_fraction_of_bf16": held,

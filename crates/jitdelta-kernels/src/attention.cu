@@ -101,9 +101,9 @@ __device__ __forceinline__ void attention_block(const u16* __restrict__ q, const
     }
     float m = NEG_INF, l = 0.f;
     // UNROLL positions a step per warp (w + ATTN_WARPS * (UNROLL * step + u)), in increasing
-    // order: all their loads go out before any is used. Positions past the row's end read
-    // position 0 and score -inf: they add nothing to finite sums, but an inf value at position
-    // 0 would make them NaN (a known gap; skipping them, warp-uniformly, would close it).
+    // order: all their loads go out before any is used. Positions past the row's end load
+    // position 0 (an address known to be valid) and are skipped before their product: a
+    // padded -inf score would still multiply position 0's value, and 0 x inf is NaN.
     for (u32 base = first + warp; base < end; base += ATTN_WARPS * UNROLL) {
         u16 kb[UNROLL][PL], vb[UNROLL][PL];
 #pragma unroll
@@ -118,13 +118,15 @@ __device__ __forceinline__ void attention_block(const u16* __restrict__ q, const
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
+            // Warp-uniform (base is per warp), and positions only grow with u.
+            if (base + ATTN_WARPS * u >= end) break;
             float dot = 0.f;
 #pragma unroll
             for (int e = 0; e < PL; ++e) dot = fmaf(qv[e], bf16_to_f32(kb[u][e]), dot);
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
-            const float s = base + ATTN_WARPS * u < end ? dot * scale : NEG_INF;
-            // NaN scores propagate; -inf ones (and padding) add nothing.
+            const float s = dot * scale;
+            // NaN scores propagate; -inf ones add nothing.
             const float m_new = s != s ? s : fmaxf(m, s);
             const float keep = m_new == NEG_INF ? 1.f : __expf(m - m_new);
             const float p = m_new == NEG_INF ? 0.f : __expf(s - m_new);

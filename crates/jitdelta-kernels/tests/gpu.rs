@@ -373,6 +373,47 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
     assert!(checked >= 60, "{checked} shapes");
 }
 
+/// An infinite value at position 0 stays infinite in every output that attends to it: no
+/// padded position (a warp's share running past a row's end) may multiply it by a zero weight.
+#[test]
+fn attention_keeps_an_infinite_value_at_position_zero() {
+    let a = decoder_kernels();
+    for d in [64, 128] {
+        for total in [1, 3, 37, 65, 130] {
+            for rows in [1, 3].into_iter().filter(|&r| r <= total) {
+                let s = AttentionShape {
+                    rows,
+                    heads: 4,
+                    kv_heads: 2,
+                    total,
+                    kv_capacity: total,
+                    head_dim: d,
+                };
+                let (ql, kl, _) = s.lens();
+                let q = scaled_bf16(ql, total as u64, 0.3);
+                let k = scaled_bf16(kl, total as u64 + 1, 1.0);
+                let mut v = scaled_bf16(kl, total as u64 + 2, 1.0);
+                // Element 5 of position 0, kv head 0: query heads 0 and 1 of every row see it.
+                v[5] = bf16::INFINITY;
+                let y = attention_on_gpu(&a, &s, &q, &k, &v);
+                for row in 0..rows {
+                    for h in 0..4 {
+                        for (e, x) in y[(row * 4 + h) * d..][..d].iter().enumerate() {
+                            let sees_inf = h < 2 && e == 5;
+                            let ok = if sees_inf {
+                                *x == bf16::INFINITY
+                            } else {
+                                x.is_finite()
+                            };
+                            assert!(ok, "{s:?} row {row} head {h} element {e}: {x}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_propagates_nan_and_rejects_bad_shapes() {
     let a = decoder_kernels();
