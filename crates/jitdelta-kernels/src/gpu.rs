@@ -34,6 +34,8 @@ pub const MAX_GEMV_BATCH: usize = 8;
 const GEMV_TILE_ROWS: usize = 16;
 const GEMV_WARPS: u32 = 8;
 const DECODE_THREADS: u32 = 256;
+/// Words of each plane a decode thread takes (`DECODE_WORDS` in `kernels.cu`).
+const DECODE_WORDS: u32 = 2;
 /// Shared memory per warp and pipeline stage of the cp.async GEMV: 3 planes x 16 rows x 128 bytes.
 const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 
@@ -233,6 +235,8 @@ pub struct Kernels {
     gemv_large: Option<GemvKernel>,
     /// Launches of more tiles than this take the tall variant.
     tall_tiles: u32,
+    /// The decode kernel's `DECODE_WORDS`.
+    decode_words: u32,
 }
 
 impl Kernels {
@@ -272,6 +276,7 @@ impl Kernels {
             gemv_large: None,
             tall_tiles: DEFAULT_BLOCKS_PER_SM * sms.max(1) as u32,
             decode: module.load_function("jd_decode_bf16")?,
+            decode_words: define_value(defines, "DECODE_WORDS")?.unwrap_or(DECODE_WORDS),
             patch: module.load_function("jd_patch_escapes")?,
             launcher: Launcher::new(stream)?,
         })
@@ -378,8 +383,9 @@ impl Kernels {
                 n
             )));
         }
-        let per_chunk = (t.chunk_rows as usize * t.cols as usize).div_ceil(8);
-        let units = per_chunk * t.chunks;
+        let words_per_chunk = (t.chunk_rows as usize * t.cols as usize).div_ceil(8);
+        // A warp of the kernel takes 32 x DECODE_WORDS words of one chunk.
+        let units = 32 * words_per_chunk.div_ceil(32 * self.decode_words as usize) * t.chunks;
         if units == 0 {
             return Ok(());
         }

@@ -76,46 +76,70 @@ __device__ __forceinline__ u32 rebase(u32 v, int delta) {
     return (delta < 0 ? mag - d : mag + d) | sign;
 }
 
-// Decode to BF16 in global memory (the prefill path). One thread per 8 values (a 32-bit word
-// of each plane, one 16-byte store), so a warp's loads and stores are contiguous; the grid's
-// x * y covers every chunk's words. Escapes are written afterwards by jd_patch_escapes. Under a
+// Words of each plane (8 values each) a thread of the decode takes (-DDECODE_WORDS=n; the host
+// reads the same define): more loads in flight per thread, fewer threads. A warp takes
+// 32 * DECODE_WORDS consecutive words of a chunk, lane t words t, t + 32, .., so every load and
+// store instruction of the warp stays contiguous (a thread's words side by side made every
+// store strided: 20-27% of copy bandwidth). H100, same call: 1 word 46-51%, 2 words 50-53%,
+// 4 words 46-51% (docs/benchmarks.md, session 9).
+#ifndef DECODE_WORDS
+#define DECODE_WORDS 2
+#endif
+
+// Decode to BF16 in global memory (the prefill path). One 16-byte store per word; the grid's
+// x * y covers every chunk's warps. Escapes are written afterwards by jd_patch_escapes. Under a
 // dependent launch (pdl.cuh) the planes load before the wait and the escape kernel launches
-// while this one runs (4096 x 4096: 43% of copy bandwidth as two plain launches, 49% so).
+// while this one runs (4096 x 4096, one word a thread: 43% of copy bandwidth as two plain
+// launches, 49% so).
 extern "C" __global__ void __launch_bounds__(256)
 jd_decode_bf16(const u8* __restrict__ P, const u8* __restrict__ S, const u8* __restrict__ L,
                const u8* __restrict__ bases, const u8* __restrict__ routed, int mode,
                u32 rows, u32 cols, u32 chunk_rows, u64 segment, u16* __restrict__ out) {
     const u64 full = (u64)chunk_rows * cols;
-    const u64 words_per_chunk = (full + 7) / 8;
+    const u64 warps_per_chunk = ((full + 7) / 8 + 32 * DECODE_WORDS - 1) / (32 * DECODE_WORDS);
     const u32 chunks = (rows + chunk_rows - 1) / chunk_rows;
     const u64 u = (u64)blockIdx.y * gridDim.x * blockDim.x + (u64)blockIdx.x * blockDim.x + threadIdx.x;
     pdl_launch_dependents();
     // The routing flags come from a host copy; waiting is conservative (as in the GEMV).
     if (mode == MODE_ROUTED) pdl_wait();
-    if (u >= words_per_chunk * chunks) return;
-    const u32 c = (u32)(u / words_per_chunk);
-    const u64 first = (u - (u64)c * words_per_chunk) * 8;
+    const u64 warp = u / 32;
+    if (warp >= warps_per_chunk * chunks) return;
+    const u32 c = (u32)(warp / warps_per_chunk);
+    const u64 first = ((warp - (u64)c * warps_per_chunk) * 32 * DECODE_WORDS + (u % 32)) * 8;
     const u64 n = (u64)min((u64)chunk_rows, (u64)rows - (u64)c * chunk_rows) * cols;
-    if (first >= n) return;
     const bool exact = chunk_is_exact(mode, routed, c);
     const u64 at = (u64)c * segment + first / 2;
-    const u32 p = __ldg(reinterpret_cast<const u32*>(P + at));
-    const u32 s = __ldg(reinterpret_cast<const u32*>(S + at));
-    const u32 l = exact ? __ldg(reinterpret_cast<const u32*>(L + at)) : 0u;
     const int delta = (int)bases[c] - SCALED_EXPONENT;
-    u32 v[4];
-    decode8(p, s, l, exact, v);
+    u32 p[DECODE_WORDS], s[DECODE_WORDS], l[DECODE_WORDS];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = rebase(v[k], delta);
-    u16* dst = out + (u64)c * full + first;
+    for (int w = 0; w < DECODE_WORDS; ++w) {
+        // Word w is 32 words (128 bytes of a plane) after word w - 1.
+        const bool in = first + 256 * w < n;
+        p[w] = in ? __ldg(reinterpret_cast<const u32*>(P + at + 128 * w)) : 0u;
+        s[w] = in ? __ldg(reinterpret_cast<const u32*>(S + at + 128 * w)) : 0u;
+        l[w] = in && exact ? __ldg(reinterpret_cast<const u32*>(L + at + 128 * w)) : 0u;
+    }
+    u32 v[DECODE_WORDS][4];
+#pragma unroll
+    for (int w = 0; w < DECODE_WORDS; ++w) {
+        decode8(p[w], s[w], l[w], exact, v[w]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[w][k] = rebase(v[w][k], delta);
+    }
     pdl_wait();
-    if (first + 8 <= n && (((u64)c * full + first) & 7u) == 0) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
-    } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            if (first + 2 * q < n) dst[2 * q] = (u16)v[q];
-            if (first + 2 * q + 1 < n) dst[2 * q + 1] = (u16)(v[q] >> 16);
+    for (int w = 0; w < DECODE_WORDS; ++w) {
+        const u64 f = first + 256 * w;
+        if (f >= n) break;
+        u16* dst = out + (u64)c * full + f;
+        if (f + 8 <= n && (((u64)c * full + f) & 7u) == 0) {
+            *reinterpret_cast<uint4*>(dst) = make_uint4(v[w][0], v[w][1], v[w][2], v[w][3]);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (f + 2 * q < n) dst[2 * q] = (u16)v[w][q];
+                if (f + 2 * q + 1 < n) dst[2 * q + 1] = (u16)(v[w][q] >> 16);
+            }
         }
     }
 }
