@@ -200,10 +200,54 @@ __device__ __forceinline__ void read_all(const uint4* __restrict__ p, u64 n, uns
 }
 extern "C" __global__ void read_x4(const uint4* p, u64 n, unsigned* out) { read_all<4>(p, n, out); }
 extern "C" __global__ void read_x8(const uint4* p, u64 n, unsigned* out) { read_all<8>(p, n, out); }
+
+// The fused GEMV's loads and nothing else: planes P, S (and L when `exact`) of `plane` bytes
+// each, rows of cols / 2 bytes one after another; a block per 16-row tile, WARPS warps taking
+// 256-column steps in turn, lane (g, t) loading two 16-byte vectors of rows g and g + 8 from
+// column 64 t of a step, all of a step's loads issued before any is used. No escape warp, and
+// fewer registers than the GEMV (more blocks may share an SM when a launch has more than one
+// wave of the GEMV's): what the access pattern costs without the decode and the products.
+template <int WARPS>
+__device__ __forceinline__ void gemv_loads(const unsigned char* __restrict__ buf, u64 plane, unsigned rows,
+                                           unsigned cols, int exact, unsigned* out) {
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3u;
+    const unsigned ra = blockIdx.x * 16 + g, rb = ra + 8;
+    const u64 row_a = (u64)ra * (cols / 2), row_b = (u64)rb * (cols / 2);
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    unsigned acc = 0;
+    for (unsigned s = warp; s * 256 < cols; s += WARPS) {
+        uint4 v[12];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const unsigned c = s * 256 + t * 64 + 32 * j;
+            const bool a = c < cols && ra < rows, b = c < cols && rb < rows;
+#pragma unroll
+            for (int q = 0; q < 3; ++q) {
+                const bool used = q < 2 || exact;
+                const unsigned char* base = buf + q * plane;
+                v[6 * j + 2 * q] = a && used ? __ldg(reinterpret_cast<const uint4*>(base + row_a + c / 2)) : z;
+                v[6 * j + 2 * q + 1] = b && used ? __ldg(reinterpret_cast<const uint4*>(base + row_b + c / 2)) : z;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 12; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    }
+    if (acc == 0x9E3779B9u) out[0] = acc;
+}
+extern "C" __global__ void __launch_bounds__(256, 2)
+loads_w8(const unsigned char* buf, u64 plane, unsigned rows, unsigned cols, int exact, unsigned* out) {
+    gemv_loads<8>(buf, plane, rows, cols, exact, out);
+}
+extern "C" __global__ void __launch_bounds__(128, 4)
+loads_w4(const unsigned char* buf, u64 plane, unsigned rows, unsigned cols, int exact, unsigned* out) {
+    gemv_loads<4>(buf, plane, rows, cols, exact, out);
+}
 "#;
 
 struct ReadFloor {
     kernels: Vec<(cudarc::driver::CudaFunction, u32)>,
+    /// The GEMV's load pattern alone, with 8 and with 4 warps a block.
+    loads: [(cudarc::driver::CudaFunction, u32); 2],
     sms: u32,
     buf: CudaSlice<u8>,
     out: CudaSlice<u32>,
@@ -228,6 +272,10 @@ impl ReadFloor {
             kernels: vec![
                 (module.load_function("read_x4")?, 4),
                 (module.load_function("read_x8")?, 8),
+            ],
+            loads: [
+                (module.load_function("loads_w8")?, 8),
+                (module.load_function("loads_w4")?, 4),
             ],
             sms,
             // Not zeros: nothing on the way may get to skip them.
@@ -267,6 +315,46 @@ impl ReadFloor {
             }
         }
         Ok(best)
+    }
+
+    /// Median microseconds of the GEMV's loads alone (no decode, no product) over the planes of
+    /// a `rows x cols` tensor, exact (3 planes) or draft (2), with 8 and with 4 warps a block.
+    /// The buffer must hold 3 planes of `rows * cols / 2` bytes, and `cols % 32 == 0`.
+    fn gemv_loads(
+        &mut self,
+        timer: &mut Timer,
+        rows: usize,
+        cols: usize,
+        exact: bool,
+    ) -> Res<[f64; 2]> {
+        let plane = (rows * cols / 2) as u64;
+        if cols % 32 != 0 || 3 * plane > self.buf.len() as u64 {
+            return Err(format!("no load-pattern probe for {rows}x{cols}").into());
+        }
+        let stream = timer.stream.clone();
+        let (rows, cols, exact) = (rows as u32, cols as u32, exact as i32);
+        let mut times = [0.0; 2];
+        for ((f, warps), time) in self.loads.iter().zip(&mut times) {
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (rows.div_ceil(16), 1, 1),
+                block_dim: (32 * warps, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (buf, out) = (&self.buf, &mut self.out);
+            *time = timer.time(Flush::Read, || {
+                let mut b = stream.launch_builder(f);
+                b.arg(buf)
+                    .arg(&plane)
+                    .arg(&rows)
+                    .arg(&cols)
+                    .arg(&exact)
+                    .arg(&mut *out);
+                // SAFETY: checked above: every load lies inside the three planes.
+                unsafe { b.launch(cfg) }?;
+                Ok(())
+            })?;
+        }
+        Ok(times)
     }
 }
 
@@ -412,6 +500,8 @@ fn main() -> Res<()> {
         let bf16_floor_us = floor.time(&mut timer, rows * cols * 2)?;
         let exact_floor_us = floor.time(&mut timer, rows * cols * 3 / 2)?;
         let draft_floor_us = floor.time(&mut timer, rows * cols)?;
+        let exact_loads_us = floor.gemv_loads(&mut timer, rows, cols, true)?;
+        let draft_loads_us = floor.gemv_loads(&mut timer, rows, cols, false)?;
         let mut cublas_b1_us = f64::NAN;
         let mut per_batch = Vec::new();
         for batch in BATCHES {
@@ -499,8 +589,13 @@ fn main() -> Res<()> {
             cublas_b1_us / exact_floor_us,
             cublas_b1_us / draft_floor_us,
         );
+        println!(
+            "{rows:>5}x{cols:<5}: the GEMV's loads alone (8 / 4 warps a block): exact {:.1} / {:.1} us, draft {:.1} / {:.1} us",
+            exact_loads_us[0], exact_loads_us[1], draft_loads_us[0], draft_loads_us[1],
+        );
         shapes.push(serde_json::json!({
             "read_floor_us": { "bf16": bf16_floor_us, "exact_planes": exact_floor_us, "draft_planes": draft_floor_us },
+            "gemv_loads_us": { "exact_w8_w4": exact_loads_us, "draft_w8_w4": draft_loads_us },
             "rows": rows, "cols": cols, "class": format!("{:?}", kernels.gemv_class(&g)),
             "bit_exact": exact_ok, "gemv_error": gemv_err,
             "escapes": t.escape_count(), "held_fraction_of_bf16": held,
