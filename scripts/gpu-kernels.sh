@@ -4,7 +4,7 @@
 #                                  # gpu-bin/ and compress MiniLM BF16 (real weights) to gpu-bin/
 #   scripts/gpu-kernels.sh run     # on the GPU machine (device tool, carry gpu-bin): tests, then
 #                                  # the benchmark; logs and JSON go to $OUT (or gpu-out/)
-#   scripts/gpu-kernels.sh variants "LANE_VECS=1 GEMV_STAGES=4" "GEMV_WARPS=4" ...
+#   scripts/gpu-kernels.sh variants "GEMV_STAGES=4 GEMV_WARPS=4" "DECODE_WORDS=4" ...
 #                                  # on the GPU machine: tests and benchmark per set of kernel
 #                                  # defines (kernels.cu tuning knobs), one JSON each
 #   scripts/gpu-kernels.sh anatomy [layer_anatomy args]

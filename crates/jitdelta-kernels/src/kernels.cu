@@ -187,14 +187,10 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const
 #define GEMV_MIN_BLOCKS 2
 #endif
 
-// Tuning knobs: 16-byte vectors per plane and row a lane loads per step (-DLANE_VECS=1|2), and
-// whether the next step's loads go out before this step decodes (-DPREFETCH=0|1).
-#ifndef LANE_VECS
+// A warp's step: 256 columns of its two rows, 64 a lane (two 16-byte vectors per plane and
+// row). Loading the next step before decoding this one (a software pipeline) was slower: the
+// registers for two steps spilled (docs/benchmarks.md, `PREFETCH=1`: exact 0.84-0.97x).
 #define LANE_VECS 2
-#endif
-#ifndef PREFETCH
-#define PREFETCH 0
-#endif
 #define STEP_COLS (128 * LANE_VECS)
 
 // One lane's loads for one step: 32 * LANE_VECS values of rows a and b in each plane, and the
@@ -289,9 +285,6 @@ __device__ __forceinline__ void step_mma(const StepData& d, bool ea, bool eb, fl
 #define GEMV_STAGES 0
 #endif
 #if GEMV_STAGES
-#if LANE_VECS != 2
-#error "GEMV_STAGES needs LANE_VECS=2 (a 256-column step, 128 bytes a row and plane)"
-#endif
 // A stage of one warp: [plane P, S, L][row 0..15][8 chunks of 16 bytes], chunk c of row r
 // stored at c ^ (r & 7) so the fragment reads (rows g and g + 8, chunks 2 tig + j) are free
 // of bank conflicts.
@@ -540,16 +533,6 @@ __device__ __forceinline__ void gemv_body(GEMV_PARAMS, u32 r0) {
                      ea, eb, acc);
             // The stage is refilled next iteration: every lane must have read it.
             __syncwarp();
-        }
-#elif PREFETCH
-        pdl_wait();
-        // Software pipeline: the next step's loads go out while this one decodes.
-        StepData cur = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols, warp * STEP_COLS + tig * 64);
-        for (u32 s = warp; s < steps; s += GEMV_WARPS) {
-            const StepData nxt = load_step(P, S, L, row_a, row_b, va, vb, ea, eb, xrow, has_x, cols,
-                                           (s + GEMV_WARPS) * STEP_COLS + tig * 64);
-            step_mma(cur, ea, eb, acc);
-            cur = nxt;
         }
 #else
         // The first step's planes go out before the wait: they stream while the previous

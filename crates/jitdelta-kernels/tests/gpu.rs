@@ -1,6 +1,6 @@
 //! GPU kernels against the CPU reference (feature `cuda`, run on a GPU machine:
 //! `scripts/gpu-kernels.sh`). Outputs are poisoned before every run. Tuning defines to test
-//! other kernel variants: `JITDELTA_KERNEL_DEFINES="LANE_VECS=1 GEMV_STAGES=4"`.
+//! other kernel variants: `JITDELTA_KERNEL_DEFINES="GEMV_STAGES=4 GEMV_WARPS=4"`.
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
