@@ -2,9 +2,12 @@
 """Compiles CUDA sources with NVRTC, as the kernels crate does at run time, to catch errors on a
 machine without a GPU (nvcc includes headers that NVRTC lacks, so nvcc passing proves little).
 
-    scripts/nvrtc_check.py [-DNAME=VALUE]... [--ptxas] FILE.cu...
+    scripts/nvrtc_check.py [-DNAME=VALUE]... [--ptxas] [--loads KERNEL] FILE.cu...
         # after: source ../shared/gpu/cuda-build-env.sh; --ptxas also assembles the PTX for
-        # sm_90 and prints each kernel's registers, spills and shared memory (ptxas -v)
+        # sm_90 and prints each kernel's registers, spills and shared memory (ptxas -v);
+        # --loads KERNEL disassembles KERNEL (nvdisasm, fetched from PyPI on first use) and
+        # prints how many global loads go out before each run of decode ops (LOP3/PRMT): a
+        # GEMV step whose plane loads are split over two runs waits for DRAM twice
 
 Prepends pdl.cuh from the source's folder, as the crate does. Finds libnvrtc in the CUDA wheels of cuda-build-env.sh (or $NVRTC_LIB); exits 1 on an error.
 """
@@ -39,13 +42,51 @@ def ptx_of(lib, prog):
 
 
 def ptxas_report(ptx):
-    """Registers, spills and shared memory per kernel, from `ptxas -v` for sm_90."""
+    """Registers, spills and shared memory per kernel, from `ptxas -v` for sm_90, and the cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         open(src, "wb").write(ptx)
-        run = subprocess.run(["ptxas", "-arch=sm_90", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+        cubin = os.path.join(tmp, "k.cubin")
+        run = subprocess.run(["ptxas", "-arch=sm_90", "-v", src, "-o", cubin],
                              capture_output=True, text=True)
-    return (run.stdout + run.stderr).strip()
+        binary = open(cubin, "rb").read() if run.returncode == 0 else None
+    return (run.stdout + run.stderr).strip(), binary
+
+
+NVDISASM_WHEEL = "nvidia-cuda-nvdisasm==13.2.86"
+
+
+def nvdisasm():
+    """$NVDISASM, or nvdisasm from its PyPI wheel, unpacked under ~/.cache on first use."""
+    if os.environ.get("NVDISASM"):
+        return os.environ["NVDISASM"]
+    home = os.path.expanduser("~/.cache/cuda13-wheels/nvdisasm")
+    tool = os.path.join(home, "nvidia/cu13/bin/nvdisasm")
+    if not os.path.exists(tool):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", NVDISASM_WHEEL,
+                            "-d", tmp], check=True)
+            subprocess.run(["unzip", "-q", "-o", glob.glob(os.path.join(tmp, "*.whl"))[0], "-d", home],
+                           check=True)
+    return tool
+
+
+def load_runs(cubin, kernel):
+    """Global loads issued before each run of decode ops (LOP3/PRMT) in `kernel`'s SASS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        open(path, "wb").write(cubin)
+        sass = subprocess.run([nvdisasm(), "-c", path], capture_output=True, text=True, check=True).stdout
+    runs, loads, inside = [], 0, False
+    for line in sass.splitlines():
+        if line.startswith(".text."):
+            inside = line.rstrip(":") == ".text." + kernel
+        elif inside and "LDG" in line:
+            loads += 1
+        elif inside and ("LOP3" in line or "PRMT" in line) and loads:
+            runs.append(loads)
+            loads = 0
+    return runs
 
 
 def main():
@@ -53,8 +94,10 @@ def main():
     args = sys.argv[1:]
     defines = [a.encode() for a in args if a.startswith("-D")]
     want_ptxas = "--ptxas" in args
+    loads_of = args[args.index("--loads") + 1] if "--loads" in args else None
+    files = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "--loads")]
     failed = False
-    for path in [a for a in args if not a.startswith("-")]:
+    for path in files:
         prog = ctypes.c_void_p()
         src = open(path, "rb").read()
         # The crate compiles every .cu after pdl.cuh, found beside it.
@@ -73,8 +116,12 @@ def main():
         text = log.value.decode(errors="replace").strip()
         print(f"{path}: {'ok' if rc == 0 else 'FAILED'}" + (f"\n{text}" if text else ""))
         failed |= rc != 0
-        if rc == 0 and want_ptxas:
-            print(ptxas_report(ptx_of(lib, prog)))
+        if rc == 0 and (want_ptxas or loads_of):
+            report, cubin = ptxas_report(ptx_of(lib, prog))
+            if want_ptxas:
+                print(report)
+            if loads_of and cubin:
+                print(f"{loads_of}: global loads before each run of decode ops: {load_runs(cubin, loads_of)}")
     sys.exit(1 if failed else 0)
 
 
