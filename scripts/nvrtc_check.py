@@ -6,14 +6,17 @@ machine without a GPU (nvcc includes headers that NVRTC lacks, so nvcc passing p
         # after: source ../shared/gpu/cuda-build-env.sh; --ptxas also assembles the PTX for
         # sm_90 and prints each kernel's registers, spills and shared memory (ptxas -v);
         # --loads KERNEL disassembles KERNEL (nvdisasm, fetched from PyPI on first use) and
-        # prints how many global loads go out before each run of decode ops (LOP3/PRMT): a
-        # GEMV step whose plane loads are split over two runs waits for DRAM twice
+        # prints how many global loads (LDG, all of them: planes, activations, escape lists)
+        # go out before each run of LOP3/PRMT ops (decode, some address math): a heuristic
+        # view; a GEMV step whose plane loads straddle a decode run waits for DRAM twice
+        # (confirm in the SASS that the run uses loaded registers)
 
 Prepends pdl.cuh from the source's folder, as the crate does. Finds libnvrtc in the CUDA wheels of cuda-build-env.sh (or $NVRTC_LIB); exits 1 on an error.
 """
 import ctypes
 import glob
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,21 +75,24 @@ def nvdisasm():
 
 
 def load_runs(cubin, kernel):
-    """Global loads issued before each run of decode ops (LOP3/PRMT) in `kernel`'s SASS."""
+    """Global loads issued before each run of LOP3/PRMT ops in `kernel`'s SASS, or None if the
+    cubin has no such kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         open(path, "wb").write(cubin)
         sass = subprocess.run([nvdisasm(), "-c", path], capture_output=True, text=True, check=True).stdout
-    runs, loads, inside = [], 0, False
+    runs, loads, inside, found = [], 0, False, False
     for line in sass.splitlines():
         if line.startswith(".text."):
             inside = line.rstrip(":") == ".text." + kernel
-        elif inside and "LDG" in line:
+            found |= inside
+        # LDG.E..., not LDGDEPBAR (a cp.async barrier, no load).
+        elif inside and re.search(r"\bLDG\.", line):
             loads += 1
         elif inside and ("LOP3" in line or "PRMT" in line) and loads:
             runs.append(loads)
             loads = 0
-    return runs
+    return runs if found else None
 
 
 def main():
@@ -94,7 +100,12 @@ def main():
     args = sys.argv[1:]
     defines = [a.encode() for a in args if a.startswith("-D")]
     want_ptxas = "--ptxas" in args
-    loads_of = args[args.index("--loads") + 1] if "--loads" in args else None
+    loads_of = None
+    if "--loads" in args:
+        at = args.index("--loads") + 1
+        if at >= len(args) or args[at].startswith("-"):
+            sys.exit("nvrtc_check: --loads needs a kernel name")
+        loads_of = args[at]
     files = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "--loads")]
     failed = False
     for path in files:
@@ -118,10 +129,16 @@ def main():
         failed |= rc != 0
         if rc == 0 and (want_ptxas or loads_of):
             report, cubin = ptxas_report(ptx_of(lib, prog))
-            if want_ptxas:
+            if want_ptxas or cubin is None:
                 print(report)
+            failed |= cubin is None
             if loads_of and cubin:
-                print(f"{loads_of}: global loads before each run of decode ops: {load_runs(cubin, loads_of)}")
+                runs = load_runs(cubin, loads_of)
+                if runs is None:
+                    print(f"nvrtc_check: no kernel {loads_of} in {path}")
+                    failed = True
+                else:
+                    print(f"{loads_of}: global loads before each run of LOP3/PRMT ops: {runs}")
     sys.exit(1 if failed else 0)
 
 

@@ -85,7 +85,7 @@ impl GemvLaunch {
         defines: &[&str],
         name: &str,
     ) -> Result<Self> {
-        let warps = define_value(defines, "GEMV_WARPS")?.unwrap_or(GEMV_WARPS);
+        let warps = launch_define(defines, "GEMV_WARPS", GEMV_WARPS)?;
         let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
         let smem = stages * warps * GEMV_SLOT_BYTES;
         let function = module.load_function(name)?;
@@ -266,6 +266,9 @@ impl Kernels {
     /// `GEMV_MIN_BLOCKS=2`; see the top of `kernels.cu`) and one GEMV variant for every shape:
     /// what benchmarks and tests of a variant use.
     pub fn with_defines(stream: Arc<CudaStream>, defines: &[&str]) -> Result<Self> {
+        // Knobs the host sizes launches by, checked before NVRTC sees them.
+        let decode_words = launch_define(defines, "DECODE_WORDS", DECODE_WORDS)?;
+        launch_define(defines, "GEMV_WARPS", GEMV_WARPS)?;
         let module = compile(&stream, SOURCE, defines)?;
         let sms = stream.context().attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -276,7 +279,7 @@ impl Kernels {
             gemv_large: None,
             tall_tiles: DEFAULT_BLOCKS_PER_SM * sms.max(1) as u32,
             decode: module.load_function("jd_decode_bf16")?,
-            decode_words: define_value(defines, "DECODE_WORDS")?.unwrap_or(DECODE_WORDS),
+            decode_words,
             patch: module.load_function("jd_patch_escapes")?,
             launcher: Launcher::new(stream)?,
         })
@@ -1009,14 +1012,27 @@ fn grid((x, y): (u32, u32), threads: u32) -> LaunchConfig {
     }
 }
 
-/// The value of `-DNAME=value` among `defines`, if given.
+/// The value of `-DNAME=value` among `defines`, if given. A bare `NAME` is an error: NVRTC
+/// would read it as 1 while the host kept its default, and the launch shapes would disagree.
 fn define_value(defines: &[&str], name: &str) -> Result<Option<u32>> {
+    if defines.contains(&name) {
+        return Err(Error::Define(format!("{name} needs a value ({name}=n)")));
+    }
     defines
         .iter()
         .find_map(|d| d.strip_prefix(name)?.strip_prefix('='))
         .map(|v| v.parse::<u32>())
         .transpose()
         .map_err(|e| Error::Define(format!("{name}: {e}")))
+}
+
+/// [`define_value`] of a knob that sizes launches (warps, words a thread), else `default`;
+/// 0 is an error.
+fn launch_define(defines: &[&str], name: &str, default: u32) -> Result<u32> {
+    match define_value(defines, name)? {
+        Some(0) => Err(Error::Define(format!("{name} must be at least 1"))),
+        v => Ok(v.unwrap_or(default)),
+    }
 }
 
 fn to_u32(v: usize, what: &str) -> Result<u32> {

@@ -147,6 +147,26 @@ fn weight_like(rows: usize, cols: usize, seed: u64) -> Vec<bf16> {
     w
 }
 
+/// Launch-sizing knobs the host could not follow are errors before anything compiles.
+#[test]
+fn knobs_without_a_usable_value_are_errors() {
+    let stream = CudaContext::new(0).unwrap().default_stream();
+    for defines in [
+        &["DECODE_WORDS"][..],
+        &["DECODE_WORDS=0"],
+        &["GEMV_WARPS=0"],
+        &["GEMV_WARPS=x"],
+    ] {
+        assert!(
+            matches!(
+                Kernels::with_defines(stream.clone(), defines),
+                Err(Error::Define(_))
+            ),
+            "{defines:?}"
+        );
+    }
+}
+
 #[test]
 fn decode_is_bit_exact_for_every_bit_pattern_and_shape() {
     let k = kernels();
@@ -157,6 +177,8 @@ fn decode_is_bit_exact_for_every_bit_pattern_and_shape() {
         (130, 64, 7),
         (33, 4096, 16),
         (256, 200, 64),
+        // One chunk longer than the tensor.
+        (5, 40, 64),
     ] {
         let w = random_bits(rows * cols, (rows * cols) as u64);
         let t = resident(&w, rows, cols, chunk_rows);
@@ -378,7 +400,9 @@ fn attention_matches_reference_and_a_block_equals_single_steps() {
 #[test]
 fn attention_keeps_an_infinite_value_at_position_zero() {
     let a = decoder_kernels();
-    for d in [64, 128] {
+    // Heads of 192 and 256 take a warp's share of a split in two rounds (10 and 8 positions),
+    // so padding also falls in a second round.
+    for d in [64, 128, 192, 256] {
         for total in [1, 3, 37, 65, 130] {
             for rows in [1, 3].into_iter().filter(|&r| r <= total) {
                 let s = AttentionShape {
