@@ -255,17 +255,8 @@ struct ReadFloor {
 
 impl ReadFloor {
     fn new(stream: &Arc<CudaStream>, max_bytes: usize) -> Res<Self> {
-        let ctx = stream.context();
-        let (major, minor) = ctx.compute_capability()?;
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-            READ_FLOOR_SOURCE,
-            cudarc::nvrtc::CompileOptions {
-                options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-                ..Default::default()
-            },
-        )?;
-        let module = ctx.load_module(ptx)?;
-        let sms = ctx.attribute(
+        let module = jitdelta_kernels::gpu::compile(stream, READ_FLOOR_SOURCE, &[])?;
+        let sms = stream.context().attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
         Ok(Self {

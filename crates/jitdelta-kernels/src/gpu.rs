@@ -608,8 +608,10 @@ fn check_gemv(t: &GpuResident, x_len: usize, batch: usize, y_len: usize) -> Resu
     Ok(())
 }
 
-/// Compiles `source` with NVRTC for the stream's device (compute capability 8.0 or newer).
-fn compile(
+/// Compiles `source` with NVRTC for the stream's device (compute capability 8.0 or newer),
+/// with `defines` as `-D` options, and loads it: how this crate builds its kernels, open to
+/// benchmarks and tests that bring their own.
+pub fn compile(
     stream: &Arc<CudaStream>,
     source: &str,
     defines: &[&str],
