@@ -15,7 +15,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PushKernelArg};
 use half::bf16;
 use jitdelta_format::{FloatFormat, JdFile, ResidentTensor};
-use jitdelta_kernels::gpu::{GpuResident, GpuSelection, Kernels};
+use jitdelta_kernels::gpu::{GemvClass, GpuResident, GpuSelection, Kernels};
 use jitdelta_kernels::reference::{decode_bf16, gemv, gemv_error, ChunkSelection};
 use std::sync::Arc;
 
@@ -567,8 +567,12 @@ fn main() -> Res<()> {
             }));
         }
         println!(
-            "{rows:>5}x{cols:<5}: {:?} class, bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy) [{decode_dirty_gbs:.0} GB/s, {:.0}%]",
+            "{rows:>5}x{cols:<5}: {:?} class{}, bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy) [{decode_dirty_gbs:.0} GB/s, {:.0}%]",
             kernels.gemv_class(&g),
+            match kernels.gemv_class(&g) {
+                GemvClass::Tall => format!(" (exact at {} blocks per SM)", kernels.tall_blocks_per_sm(&g)),
+                _ => String::new(),
+            },
             100.0 * t.escape_count() as f64 / (rows * cols) as f64,
             100.0 * held,
             100.0 * decode_gbs / copy_gbs,

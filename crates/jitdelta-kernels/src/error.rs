@@ -12,6 +12,17 @@ pub enum Error {
     /// A tuning define (`-DNAME=value`) has a value that is not a number.
     #[error("kernel define {0}")]
     Define(String),
+    /// A GEMV kernel fits fewer blocks per SM than its size class assumes (its
+    /// `GEMV_MIN_BLOCKS`): a register cap or shared-memory ring too large for the device.
+    #[error("kernel {kernel} fits {blocks} blocks per SM, its size class needs {wanted}")]
+    Occupancy {
+        /// The kernel's name.
+        kernel: String,
+        /// Blocks of it that fit on one SM.
+        blocks: u32,
+        /// Blocks per SM its launch sizing assumes.
+        wanted: u32,
+    },
     /// Decoding on the CPU failed.
     #[error(transparent)]
     Format(#[from] jitdelta_format::Error),

@@ -42,16 +42,21 @@ const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 /// The variant of the fused GEMV for tensors of at least this many weights (see
 /// [`Kernels::new`]).
 pub const LARGE_GEMV_WEIGHTS: usize = 100 << 20;
-/// Its tuning defines for exact and routed selections: the cp.async ring, 4 warps, 3 blocks per
+/// Its tuning defines for exact and routed selections: the cp.async ring, 4 warps, 2 blocks per
 /// SM (docs/benchmarks.md: 1.31x and 1.27x cuBLAS at batch 1 on the 70B MLP shapes against
-/// 1.23x and 1.22x).
-const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"];
+/// 1.23x and 1.22x). The ring's 72 KiB a block leave room for two blocks, not three.
+const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=2"];
 /// Registers, 4 warps, 4 blocks per SM: the draft of large tensors (3-10% faster than the ring
 /// on the 70B shapes), and every mode of tall tensors below [`LARGE_GEMV_WEIGHTS`] (draft
 /// 1.62x -> 1.77x cuBLAS at 14336x4096, exact 1.17x -> 1.21x; docs/benchmarks.md). The same 4
 /// warps split the columns the same way in all these kernels, so routed rows equal the exact or
 /// draft kernel's bit for bit.
 const FOUR_WARP_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=4"];
+/// Exact and routed launches of the tall class whose waves 3 blocks per SM fill at least as
+/// well as 4 ([`Kernels::tall_blocks_per_sm`]): the same 4 warps at 128 registers, where a
+/// step's plane loads leave together (at 4 blocks' 96 they go in two runs: two DRAM round trips
+/// a step). The draft stays at 4 blocks: its loads leave together there already.
+const TALL_THREE_BLOCK_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"];
 /// Blocks per SM of the default variant (its `GEMV_MIN_BLOCKS`): launches of more tiles than
 /// this many per SM are tall ([`Kernels::tall_tiles`]).
 const DEFAULT_BLOCKS_PER_SM: u32 = 2;
@@ -62,7 +67,8 @@ const DEFAULT_BLOCKS_PER_SM: u32 = 2;
 pub enum GemvClass {
     /// 8 warps, 2 blocks per SM: launches that fit in one wave of those.
     Default,
-    /// 4 warps, 4 blocks per SM: launches of more tiles than [`Kernels::tall_tiles`].
+    /// 4 warps, 3 or 4 blocks per SM ([`Kernels::tall_blocks_per_sm`], the same sums):
+    /// launches of more tiles than [`Kernels::tall_tiles`].
     Tall,
     /// Tensors of [`LARGE_GEMV_WEIGHTS`] or more: exact and routed through a shared-memory
     /// ring, the draft as the tall class.
@@ -87,18 +93,36 @@ impl GemvLaunch {
     ) -> Result<Self> {
         let warps = launch_define(defines, "GEMV_WARPS", GEMV_WARPS)?;
         let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
+        let wanted = define_value(defines, "GEMV_MIN_BLOCKS")?.unwrap_or(DEFAULT_BLOCKS_PER_SM);
         let smem = stages * warps * GEMV_SLOT_BYTES;
         let function = module.load_function(name)?;
-        if smem > 48 * 1024 {
+        // Static and dynamic shared memory together past 48 KiB need the opt-in; a ring whose
+        // dynamic part alone stays under it (2 stages x 4 warps: 48 KiB + 11.6 KiB static)
+        // failed to launch without it.
+        if smem > 0 {
             function.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )?;
         }
         // One more warp computes the escape corrections.
+        let threads = (warps + 1) * 32;
+        // The tall-class rule counts on this many blocks sharing an SM.
+        let blocks = function.occupancy_max_active_blocks_per_multiprocessor(
+            threads,
+            smem as usize,
+            None,
+        )?;
+        if blocks < wanted {
+            return Err(Error::Occupancy {
+                kernel: name.to_string(),
+                blocks,
+                wanted,
+            });
+        }
         Ok(Self {
             function,
-            threads: (warps + 1) * 32,
+            threads,
             smem,
         })
     }
@@ -233,6 +257,8 @@ pub struct Kernels {
     /// The size classes of [`Kernels::new`]: tall, then large tensors.
     gemv_tall: Option<GemvKernel>,
     gemv_large: Option<GemvKernel>,
+    /// The tall class's exact and routed kernels at 3 blocks per SM (the draft at 4).
+    gemv_tall_three: Option<GemvKernel>,
     /// Launches of more tiles than this take the tall variant.
     tall_tiles: u32,
     /// The decode kernel's `DECODE_WORDS`.
@@ -242,7 +268,8 @@ pub struct Kernels {
 impl Kernels {
     /// Compiles the kernels for the stream's device (compute capability 8.0 or newer), with
     /// three size classes of fused-GEMV variants: the default (8 warps, 2 blocks per SM); tall
-    /// launches (more tiles than [`Kernels::tall_tiles`]: 4 warps, 4 blocks per SM); and tensors
+    /// launches (more tiles than [`Kernels::tall_tiles`]: 4 warps, 4 blocks per SM or 3,
+    /// [`Kernels::tall_blocks_per_sm`]); and tensors
     /// of [`LARGE_GEMV_WEIGHTS`] or more, whose exact and routed kernels stream the planes
     /// through shared memory and whose draft is the tall class's. The choice depends on the
     /// tensor (with the group it was declared to launch in, [`GpuResident::launch_together`]),
@@ -252,13 +279,19 @@ impl Kernels {
         let mut kernels = Self::with_defines(stream, &[])?;
         let ring = compile(&kernels.launcher.stream, SOURCE, LARGE_GEMV_DEFINES)?;
         let four_warps = compile(&kernels.launcher.stream, SOURCE, FOUR_WARP_DEFINES)?;
-        let tall = GemvKernel::load(&four_warps, FOUR_WARP_DEFINES)?;
+        let three_blocks = compile(&kernels.launcher.stream, SOURCE, TALL_THREE_BLOCK_DEFINES)?;
+        let four = GemvKernel::load(&four_warps, FOUR_WARP_DEFINES)?;
         kernels.gemv_large = Some(GemvKernel {
-            draft: tall.draft.clone(),
-            group_draft: tall.group_draft.clone(),
+            draft: four.draft.clone(),
+            group_draft: four.group_draft.clone(),
             ..GemvKernel::load(&ring, LARGE_GEMV_DEFINES)?
         });
-        kernels.gemv_tall = Some(tall);
+        kernels.gemv_tall_three = Some(GemvKernel {
+            draft: four.draft.clone(),
+            group_draft: four.group_draft.clone(),
+            ..GemvKernel::load(&three_blocks, TALL_THREE_BLOCK_DEFINES)?
+        });
+        kernels.gemv_tall = Some(four);
         Ok(kernels)
     }
 
@@ -277,6 +310,7 @@ impl Kernels {
             gemv: GemvKernel::load(&module, defines)?,
             gemv_tall: None,
             gemv_large: None,
+            gemv_tall_three: None,
             tall_tiles: DEFAULT_BLOCKS_PER_SM * sms.max(1) as u32,
             decode: module.load_function("jd_decode_bf16")?,
             decode_words,
@@ -571,6 +605,7 @@ impl Kernels {
     fn variant(&self, t: &GpuResident) -> &GemvKernel {
         let class = match self.gemv_class(t) {
             GemvClass::Large => self.gemv_large.as_ref(),
+            GemvClass::Tall if self.tall_blocks_per_sm(t) == 3 => self.gemv_tall_three.as_ref(),
             GemvClass::Tall => self.gemv_tall.as_ref(),
             GemvClass::Default => None,
         };
@@ -578,11 +613,28 @@ impl Kernels {
     }
 
     /// Launches of more 16-row tiles than this (twice the device's SMs) take the tall variant
-    /// (4 warps, 4 blocks per SM): up to 4 x SMs tiles all their blocks run at once, where the
+    /// (4 warps, 3 or 4 blocks per SM): up to 4 x SMs tiles all their blocks run at once, where the
     /// default's 2 blocks per SM would leave a second, nearly empty wave (4608 rows: 288 tiles
     /// over 264 slots on an H100; 1.05x -> 1.27x cuBLAS at 4608x12288, docs/benchmarks.md).
     pub fn tall_tiles(&self) -> u32 {
         self.tall_tiles
+    }
+
+    /// Blocks per SM of `t`'s exact and routed launches if it is of the tall class: 3 where
+    /// those fill the launch's waves at least as well as 4 (fewer slots left empty in the last
+    /// wave), else 4; its draft always takes 4. Layer chains (H100, Llama-3-8B shape: q/k/v 384
+    /// and gate/up 1792 tiles on 132 SMs; the 7B shape's o and down 288, gate/up 1536) take
+    /// 4-5% less time at batch 1 and 5-8% at batch 8 than with 4 blocks everywhere; a launch
+    /// whose last wave 3 blocks leave emptier (8192 x 8192: 512 tiles, 1.3 waves of 3) lost 10%
+    /// at 3 (docs/benchmarks.md, session 10).
+    pub fn tall_blocks_per_sm(&self, t: &GpuResident) -> u32 {
+        let (tiles, sms) = (t.launch_tiles(), self.tall_tiles / DEFAULT_BLOCKS_PER_SM);
+        let slots = |blocks: u32| tiles.div_ceil(blocks * sms) * blocks;
+        if slots(3) <= slots(4) {
+            3
+        } else {
+            4
+        }
     }
 }
 

@@ -168,6 +168,27 @@ fn knobs_without_a_usable_value_are_errors() {
 }
 
 #[test]
+fn a_class_that_does_not_fit_its_blocks_per_sm_is_an_error() {
+    let stream = CudaContext::new(0).unwrap().default_stream();
+    // A ring of 3 stages for 8 warps takes 144 KiB of shared memory a block: one fits an SM.
+    match Kernels::with_defines(stream.clone(), &["GEMV_STAGES=3", "GEMV_WARPS=8"]) {
+        Err(Error::Occupancy { blocks, wanted, .. }) => assert_eq!((blocks, wanted), (1, 2)),
+        other => panic!("expected an occupancy error, got {other:?}"),
+    }
+    // The product classes fit.
+    Kernels::new(stream.clone()).unwrap();
+    // A ring at the 48 KiB edge (dynamic 48 KiB, plus the static arrays) loads and runs.
+    let k = Kernels::with_defines(
+        stream,
+        &["GEMV_STAGES=2", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"],
+    )
+    .unwrap();
+    let (rows, cols) = (48, 4096);
+    let t = resident(&weight_like(rows, cols, 5), rows, cols, 16);
+    assert_gemv_matches(&k, &t, "2-stage ring");
+}
+
+#[test]
 fn decode_is_bit_exact_for_every_bit_pattern_and_shape() {
     let k = kernels();
     for &(rows, cols, chunk_rows) in &[
@@ -751,6 +772,74 @@ fn declared_groups_launch_alone_as_in_the_group() {
                 let err = gemv_error(got, &gemv(t, &chunks, x, *b).unwrap());
                 assert!(err <= 1.0, "{r} rows, batch {b}, {sel:?}: error {err}");
             }
+        }
+    }
+}
+
+/// The tall class runs exact and routed launches at 3 or 4 blocks per SM by how the launch's
+/// tiles fill the waves; the same warps split the columns the same way, so a tensor whose
+/// launch moves from one to the other (here by declaring a group) gives the same bits.
+#[test]
+fn tall_launches_at_three_and_four_blocks_sum_the_same() {
+    let k = kernels();
+    let size_classes =
+        std::env::var("JITDELTA_KERNEL_DEFINES").map_or(true, |d| d.trim().is_empty());
+    let sms = k.tall_tiles() as usize / 2;
+    let cols = 1024;
+    // 2 x SMs + 8 tiles: one wave at 3 blocks; with the partner 3 x SMs + 8: two waves at 3,
+    // one at 4.
+    let rows = (2 * sms + 8) * 16;
+    let t = resident(&weight_like(rows, cols, 77), rows, cols, 64);
+    let g = k.upload(&t).unwrap();
+    let partner_rows = sms * 16;
+    let partner = k
+        .upload(&resident(
+            &weight_like(partner_rows, cols, 78),
+            partner_rows,
+            cols,
+            64,
+        ))
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(23);
+    let inputs: Vec<(usize, Vec<bf16>)> = [1, 3, 8]
+        .iter()
+        .map(|&b| {
+            let x = (0..b * cols)
+                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
+                .collect();
+            (b, x)
+        })
+        .collect();
+    let sels = selections(t.chunk_count(), 24);
+    let outputs = || -> Vec<Vec<bf16>> {
+        let mut out = Vec::new();
+        for sel in &sels {
+            let gs = k.selection(&g, sel).unwrap();
+            for (b, x) in &inputs {
+                out.push(gemv_on_gpu(&k, &g, &gs, x, *b));
+            }
+        }
+        out
+    };
+    let three = outputs();
+    let before = k.tall_blocks_per_sm(&g);
+    GpuResident::launch_together(&[&g, &partner]);
+    if size_classes {
+        assert_eq!(k.gemv_class(&g), GemvClass::Tall);
+        assert_eq!((before, k.tall_blocks_per_sm(&g)), (3, 4));
+    }
+    let four = outputs();
+    let mut at = 0;
+    for sel in &sels {
+        for (b, x) in &inputs {
+            let (a, d) = (&three[at], &four[at]);
+            at += 1;
+            assert!(
+                a.iter().zip(d).all(|(a, d)| same_bits(*a, *d)),
+                "{sel:?} batch {b}: rows differ between 3 and 4 blocks per SM"
+            );
+            let err = gemv_error(d, &gemv(&t, sel, x, *b).unwrap());
+            assert!(err <= 1.0, "{sel:?} batch {b}: error {err}");
         }
     }
 }
