@@ -57,6 +57,13 @@ fn selections(chunks: usize, seed: u64) -> Vec<ChunkSelection> {
     ]
 }
 
+/// `n` activations uniform in [-2, 2).
+fn activations(rng: &mut StdRng, n: usize) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
+        .collect()
+}
+
 fn assert_decode_matches(k: &Kernels, t: &ResidentTensor, what: &str) {
     let (rows, cols) = t.dims();
     for sel in selections(t.chunk_count(), rows as u64) {
@@ -89,9 +96,7 @@ fn assert_gemv_matches(k: &Kernels, t: &ResidentTensor, what: &str) {
     for sel in selections(t.chunk_count(), 99) {
         let gs = k.selection(&g, &sel).unwrap();
         for batch in 1..=8 {
-            let x: Vec<bf16> = (0..batch * cols)
-                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
-                .collect();
+            let x = activations(&mut rng, batch * cols);
             let want = gemv(t, &sel, &x, batch).unwrap();
             let xd = k.stream().clone_htod(&x).unwrap();
             let mut y = poisoned(k.stream(), batch * rows);
@@ -568,9 +573,7 @@ fn gemv_rows_are_batch_and_mode_invariant() {
         let t = resident(&w, rows, cols, 64);
         let g = k.upload(&t).unwrap();
         let mut rng = StdRng::seed_from_u64(5);
-        let x: Vec<bf16> = (0..8 * cols)
-            .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
-            .collect();
+        let x = activations(&mut rng, 8 * cols);
         for sel in [GpuSelection::Exact, GpuSelection::Draft] {
             let all = gemv_on_gpu(&k, &g, &sel, &x, 8);
             for b in 0..8 {
@@ -648,9 +651,7 @@ fn grouped_gemv_equals_single_launches() {
             .collect();
         let refs: Vec<&GpuResident> = gs.iter().collect();
         for &batch in batches {
-            let x: Vec<bf16> = (0..batch * cols)
-                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
-                .collect();
+            let x = activations(&mut rng, batch * cols);
             for sel in [GpuSelection::Exact, GpuSelection::Draft] {
                 let grouped = group_on_gpu(&k, &refs, &sel, &x, batch);
                 for (g, got) in gs.iter().zip(&grouped) {
@@ -724,12 +725,7 @@ fn declared_groups_launch_alone_as_in_the_group() {
     let mut rng = StdRng::seed_from_u64(21);
     let xs: Vec<(usize, Vec<bf16>)> = [1usize, 4]
         .iter()
-        .map(|&b| {
-            let x = (0..b * cols)
-                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
-                .collect();
-            (b, x)
-        })
+        .map(|&b| (b, activations(&mut rng, b * cols)))
         .collect();
     let singles = |sel: &GpuSelection| -> Vec<Vec<bf16>> {
         xs.iter()
@@ -803,12 +799,7 @@ fn tall_launches_at_three_and_four_blocks_sum_the_same() {
     let mut rng = StdRng::seed_from_u64(23);
     let inputs: Vec<(usize, Vec<bf16>)> = [1, 3, 8]
         .iter()
-        .map(|&b| {
-            let x = (0..b * cols)
-                .map(|_| bf16::from_f32(rng.random::<f32>() * 4.0 - 2.0))
-                .collect();
-            (b, x)
-        })
+        .map(|&b| (b, activations(&mut rng, b * cols)))
         .collect();
     let sels = selections(t.chunk_count(), 24);
     let outputs = || -> Vec<Vec<bf16>> {
