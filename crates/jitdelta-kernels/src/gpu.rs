@@ -44,11 +44,13 @@ const GEMV_SLOT_BYTES: u32 = 3 * 16 * 128;
 pub const LARGE_GEMV_WEIGHTS: usize = 100 << 20;
 /// Its tuning defines for exact and routed selections: the cp.async ring, 4 warps, 2 blocks per
 /// SM (docs/benchmarks.md: 1.31x and 1.27x cuBLAS at batch 1 on the 70B MLP shapes against
-/// 1.23x and 1.22x). The ring's 72 KiB a block leave room for two blocks, not three.
+/// 1.23x and 1.22x). The ring's 72 KiB a block leave room for two blocks on an H100 or H200,
+/// not three (one on an A100 or a consumer card: [`Kernels::new`] leaves it out there).
 const LARGE_GEMV_DEFINES: &[&str] = &["GEMV_STAGES=3", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=2"];
 /// Registers, 4 warps, 4 blocks per SM: the draft of large tensors (3-10% faster than the ring
-/// on the 70B shapes), and every mode of tall tensors below [`LARGE_GEMV_WEIGHTS`] (draft
-/// 1.62x -> 1.77x cuBLAS at 14336x4096, exact 1.17x -> 1.21x; docs/benchmarks.md). The same 4
+/// on the 70B shapes), and tall tensors below [`LARGE_GEMV_WEIGHTS`]: their draft, and their
+/// exact and routed launches where 3 blocks would fill the waves worse (draft 1.62x -> 1.77x
+/// cuBLAS at 14336x4096, exact 1.17x -> 1.21x; docs/benchmarks.md). The same 4
 /// warps split the columns the same way in all these kernels, so routed rows equal the exact or
 /// draft kernel's bit for bit.
 const FOUR_WARP_DEFINES: &[&str] = &["GEMV_WARPS=4", "GEMV_MIN_BLOCKS=4"];
@@ -78,9 +80,14 @@ pub enum GemvClass {
 /// One fused-GEMV kernel and its launch shape.
 #[derive(Clone, Debug)]
 struct GemvLaunch {
+    name: &'static str,
     function: CudaFunction,
     threads: u32,
     smem: u32,
+    /// Blocks of it that fit on one SM of the device, and how many its size class counts on
+    /// (its `GEMV_MIN_BLOCKS`).
+    blocks_per_sm: u32,
+    wanted_blocks: u32,
 }
 
 impl GemvLaunch {
@@ -89,41 +96,39 @@ impl GemvLaunch {
     fn load(
         module: &Arc<cudarc::driver::CudaModule>,
         defines: &[&str],
-        name: &str,
+        name: &'static str,
     ) -> Result<Self> {
         let warps = launch_define(defines, "GEMV_WARPS", GEMV_WARPS)?;
         let stages = define_value(defines, "GEMV_STAGES")?.unwrap_or(0);
-        let wanted = define_value(defines, "GEMV_MIN_BLOCKS")?.unwrap_or(DEFAULT_BLOCKS_PER_SM);
+        let wanted_blocks =
+            define_value(defines, "GEMV_MIN_BLOCKS")?.unwrap_or(DEFAULT_BLOCKS_PER_SM);
         let smem = stages * warps * GEMV_SLOT_BYTES;
         let function = module.load_function(name)?;
         // Static and dynamic shared memory together past 48 KiB need the opt-in; a ring whose
         // dynamic part alone stays under it (2 stages x 4 warps: 48 KiB + 11.6 KiB static)
-        // failed to launch without it.
-        if smem > 0 {
-            function.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )?;
-        }
+        // failed to launch without it. A device refuses sizes past its own limit: then no
+        // block fits.
+        let opted_in = smem == 0
+            || function
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .is_ok();
         // One more warp computes the escape corrections.
         let threads = (warps + 1) * 32;
-        // The tall-class rule counts on this many blocks sharing an SM.
-        let blocks = function.occupancy_max_active_blocks_per_multiprocessor(
-            threads,
-            smem as usize,
-            None,
-        )?;
-        if blocks < wanted {
-            return Err(Error::Occupancy {
-                kernel: name.to_string(),
-                blocks,
-                wanted,
-            });
-        }
+        let blocks_per_sm = if opted_in {
+            function.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)?
+        } else {
+            0
+        };
         Ok(Self {
+            name,
             function,
             threads,
             smem,
+            blocks_per_sm,
+            wanted_blocks,
         })
     }
 }
@@ -143,7 +148,7 @@ struct GemvKernel {
 impl GemvKernel {
     /// All kernels from one module compiled with `defines`.
     fn load(module: &Arc<cudarc::driver::CudaModule>, defines: &[&str]) -> Result<Self> {
-        let load = |name| GemvLaunch::load(module, defines, name);
+        let load = |name: &'static str| GemvLaunch::load(module, defines, name);
         Ok(Self {
             routed: load("jd_gemv_bf16")?,
             exact: load("jd_gemv_bf16_exact")?,
@@ -151,6 +156,33 @@ impl GemvKernel {
             group_exact: load("jd_gemv_group_bf16_exact")?,
             group_draft: load("jd_gemv_group_bf16_draft")?,
         })
+    }
+
+    /// An [`Error::Occupancy`] unless every kernel fits the blocks per SM its class counts on
+    /// (the tall-class rule and the wave arithmetic of [`Kernels::tall_blocks_per_sm`] assume
+    /// them; registers are split among an SM's 4 schedulers, so 9 warps x 2 blocks cannot use
+    /// more than 96 registers, and a ring's shared memory may leave room for fewer blocks).
+    fn check_fits(&self) -> Result<()> {
+        let launches = [
+            &self.routed,
+            &self.exact,
+            &self.draft,
+            &self.group_exact,
+            &self.group_draft,
+        ];
+        match launches.iter().find(|l| l.blocks_per_sm < l.wanted_blocks) {
+            Some(l) => Err(Error::Occupancy {
+                kernel: l.name.to_string(),
+                blocks: l.blocks_per_sm,
+                wanted: l.wanted_blocks,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Itself if its kernels fit the device ([`GemvKernel::check_fits`]).
+    fn if_it_fits(self) -> Option<Self> {
+        self.check_fits().is_ok().then_some(self)
     }
 
     /// The single-tensor kernel for `sel`.
@@ -277,21 +309,27 @@ impl Kernels {
     /// row the same way.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let mut kernels = Self::with_defines(stream, &[])?;
-        let ring = compile(&kernels.launcher.stream, SOURCE, LARGE_GEMV_DEFINES)?;
-        let four_warps = compile(&kernels.launcher.stream, SOURCE, FOUR_WARP_DEFINES)?;
-        let three_blocks = compile(&kernels.launcher.stream, SOURCE, TALL_THREE_BLOCK_DEFINES)?;
-        let four = GemvKernel::load(&four_warps, FOUR_WARP_DEFINES)?;
-        kernels.gemv_large = Some(GemvKernel {
-            draft: four.draft.clone(),
-            group_draft: four.group_draft.clone(),
-            ..GemvKernel::load(&ring, LARGE_GEMV_DEFINES)?
-        });
-        kernels.gemv_tall_three = Some(GemvKernel {
-            draft: four.draft.clone(),
-            group_draft: four.group_draft.clone(),
-            ..GemvKernel::load(&three_blocks, TALL_THREE_BLOCK_DEFINES)?
-        });
-        kernels.gemv_tall = Some(four);
+        let stream = &kernels.launcher.stream;
+        let variant = |defines| -> Result<Option<GemvKernel>> {
+            Ok(GemvKernel::load(&compile(stream, SOURCE, defines)?, defines)?.if_it_fits())
+        };
+        let (ring, three) = (
+            variant(LARGE_GEMV_DEFINES)?,
+            variant(TALL_THREE_BLOCK_DEFINES)?,
+        );
+        // A variant the device cannot hold at its blocks per SM is left out: its tensors take
+        // the next class (the ring needs 2 x 85 KiB of shared memory an SM, more than an A100 or
+        // a consumer card has).
+        if let Some(four) = variant(FOUR_WARP_DEFINES)? {
+            let with_draft = |k: GemvKernel| GemvKernel {
+                draft: four.draft.clone(),
+                group_draft: four.group_draft.clone(),
+                ..k
+            };
+            kernels.gemv_large = ring.map(with_draft);
+            kernels.gemv_tall_three = three.map(with_draft);
+            kernels.gemv_tall = Some(four);
+        }
         Ok(kernels)
     }
 
@@ -306,8 +344,10 @@ impl Kernels {
         let sms = stream.context().attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )?;
+        let gemv = GemvKernel::load(&module, defines)?;
+        gemv.check_fits()?;
         Ok(Self {
-            gemv: GemvKernel::load(&module, defines)?,
+            gemv,
             gemv_tall: None,
             gemv_large: None,
             gemv_tall_three: None,
@@ -575,14 +615,15 @@ impl Kernels {
                 tensors.len()
             ));
         }
-        let variant = self.variant(first);
+        // One class sums every row the same way (the tall class at 3 or 4 blocks per SM too),
+        // so the first member's kernel gives each member its own launch's bits.
+        let class = self.gemv_class(first);
         if tensors.iter().any(|t| {
-            (t.cols, t.chunk_rows) != (first.cols, first.chunk_rows)
-                || !std::ptr::eq(self.variant(t), variant)
+            (t.cols, t.chunk_rows) != (first.cols, first.chunk_rows) || self.gemv_class(t) != class
         }) {
             return unsupported("tensors differ in columns, chunk rows or size class".into());
         }
-        match variant.group(sel) {
+        match self.variant(first).group(sel) {
             Some(kernel) => Ok(kernel),
             None => unsupported("routed selections have per-tensor flags".into()),
         }
@@ -622,7 +663,8 @@ impl Kernels {
 
     /// Blocks per SM of `t`'s exact and routed launches if it is of the tall class: 3 where
     /// those fill the launch's waves at least as well as 4 (fewer slots left empty in the last
-    /// wave), else 4; its draft always takes 4. Layer chains (H100, Llama-3-8B shape: q/k/v 384
+    /// wave), else 4 (also where the device cannot hold 3 blocks of those); its draft always
+    /// takes 4. Layer chains (H100, Llama-3-8B shape: q/k/v 384
     /// and gate/up 1792 tiles on 132 SMs; the 7B shape's o and down 288, gate/up 1536) take
     /// 4-5% less time at batch 1 and 5-8% at batch 8 than with 4 blocks everywhere; a launch
     /// whose last wave 3 blocks leave emptier (8192 x 8192: 512 tiles, 1.3 waves of 3) lost 10%
@@ -630,7 +672,7 @@ impl Kernels {
     pub fn tall_blocks_per_sm(&self, t: &GpuResident) -> u32 {
         let (tiles, sms) = (t.launch_tiles(), self.tall_tiles / DEFAULT_BLOCKS_PER_SM);
         let slots = |blocks: u32| tiles.div_ceil(blocks * sms) * blocks;
-        if slots(3) <= slots(4) {
+        if self.gemv_tall_three.is_some() && slots(3) <= slots(4) {
             3
         } else {
             4

