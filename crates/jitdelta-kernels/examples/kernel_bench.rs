@@ -566,10 +566,11 @@ fn main() -> Res<()> {
                 },
             }));
         }
+        let class = kernels.gemv_class(&g);
         println!(
             "{rows:>5}x{cols:<5}: {:?} class{}, bit-exact decode {exact_ok}, gemv error {gemv_err:.3} (<= 1 passes), escapes {:.4}%, held {:.2}% of BF16, decode {decode_us:.1} us = {decode_gbs:.0} GB/s ({:.0}% of copy) [{decode_dirty_gbs:.0} GB/s, {:.0}%]",
-            kernels.gemv_class(&g),
-            match kernels.gemv_class(&g) {
+            class,
+            match class {
                 GemvClass::Tall => format!(" (exact at {} blocks per SM)", kernels.tall_blocks_per_sm(&g)),
                 _ => String::new(),
             },
@@ -591,7 +592,7 @@ fn main() -> Res<()> {
         shapes.push(serde_json::json!({
             "read_floor_us": { "bf16": bf16_floor_us, "exact_planes": exact_floor_us, "draft_planes": draft_floor_us },
             "gemv_loads_us": { "exact_w8_w4": exact_loads_us, "draft_w8_w4": draft_loads_us },
-            "rows": rows, "cols": cols, "class": format!("{:?}", kernels.gemv_class(&g)),
+            "rows": rows, "cols": cols, "class": format!("{class:?}"),
             "bit_exact": exact_ok, "gemv_error": gemv_err,
             "escapes": t.escape_count(), "held_fraction_of_bf16": held,
             "decode_us": decode_us, "decode_gbs": decode_gbs,

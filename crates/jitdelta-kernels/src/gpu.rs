@@ -291,8 +291,8 @@ pub struct Kernels {
     gemv_large: Option<GemvKernel>,
     /// The tall class's exact and routed kernels at 3 blocks per SM (the draft at 4).
     gemv_tall_three: Option<GemvKernel>,
-    /// Launches of more tiles than this take the tall variant.
-    tall_tiles: u32,
+    /// The device's SMs, which size the tall class's waves.
+    sms: u32,
     /// The decode kernel's `DECODE_WORDS`.
     decode_words: u32,
 }
@@ -351,7 +351,7 @@ impl Kernels {
             gemv_tall: None,
             gemv_large: None,
             gemv_tall_three: None,
-            tall_tiles: DEFAULT_BLOCKS_PER_SM * sms.max(1) as u32,
+            sms: sms.max(1) as u32,
             decode: module.load_function("jd_decode_bf16")?,
             decode_words,
             patch: module.load_function("jd_patch_escapes")?,
@@ -637,7 +637,7 @@ impl Kernels {
         let large = t.rows as usize * t.cols as usize >= LARGE_GEMV_WEIGHTS;
         match (&self.gemv_large, &self.gemv_tall) {
             (Some(_), _) if large => GemvClass::Large,
-            (_, Some(_)) if t.launch_tiles() > self.tall_tiles => GemvClass::Tall,
+            (_, Some(_)) if t.launch_tiles() > self.tall_tiles() => GemvClass::Tall,
             _ => GemvClass::Default,
         }
     }
@@ -658,7 +658,7 @@ impl Kernels {
     /// default's 2 blocks per SM would leave a second, nearly empty wave (4608 rows: 288 tiles
     /// over 264 slots on an H100; 1.05x -> 1.27x cuBLAS at 4608x12288, docs/benchmarks.md).
     pub fn tall_tiles(&self) -> u32 {
-        self.tall_tiles
+        DEFAULT_BLOCKS_PER_SM * self.sms
     }
 
     /// Blocks per SM of `t`'s exact and routed launches if it is of the tall class: 3 where
@@ -670,7 +670,7 @@ impl Kernels {
     /// whose last wave 3 blocks leave emptier (8192 x 8192: 512 tiles, 1.3 waves of 3) lost 10%
     /// at 3 (docs/benchmarks.md, session 10).
     pub fn tall_blocks_per_sm(&self, t: &GpuResident) -> u32 {
-        let (tiles, sms) = (t.launch_tiles(), self.tall_tiles / DEFAULT_BLOCKS_PER_SM);
+        let (tiles, sms) = (t.launch_tiles(), self.sms);
         let slots = |blocks: u32| tiles.div_ceil(blocks * sms) * blocks;
         if self.gemv_tall_three.is_some() && slots(3) <= slots(4) {
             3

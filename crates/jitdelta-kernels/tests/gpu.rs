@@ -826,18 +826,14 @@ fn tall_launches_at_three_and_four_blocks_sum_the_same() {
         assert_eq!((before, k.tall_blocks_per_sm(&g)), (3, 4));
     }
     let four = outputs();
-    let mut at = 0;
-    for sel in &sels {
-        for (b, x) in &inputs {
-            let (a, d) = (&three[at], &four[at]);
-            at += 1;
-            assert!(
-                a.iter().zip(d).all(|(a, d)| same_bits(*a, *d)),
-                "{sel:?} batch {b}: rows differ between 3 and 4 blocks per SM"
-            );
-            let err = gemv_error(d, &gemv(&t, sel, x, *b).unwrap());
-            assert!(err <= 1.0, "{sel:?} batch {b}: error {err}");
-        }
+    let runs = sels
+        .iter()
+        .flat_map(|sel| inputs.iter().map(move |(b, x)| (sel, *b, x)));
+    for ((sel, b, x), (a, d)) in runs.zip(three.iter().zip(&four)) {
+        let what = format!("{sel:?} batch {b}, 4 blocks per SM against 3");
+        assert_same_bits(d, a, &what);
+        let err = gemv_error(d, &gemv(&t, sel, x, b).unwrap());
+        assert!(err <= 1.0, "{sel:?} batch {b}: error {err}");
     }
 }
 
